@@ -1,0 +1,1 @@
+"""LightningDataModules: real datasets, distilled sets, expert segments, recovery jobs."""
