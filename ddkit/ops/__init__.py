@@ -1,0 +1,1 @@
+"""Pure tensor functions: no Lightning, no files, no global RNG."""
