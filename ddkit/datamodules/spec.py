@@ -39,3 +39,12 @@ class DataSpec:
         d["std"] = tuple(d["std"])
         d["class_names"] = tuple(d.get("class_names", ()))
         return cls(**d)
+
+
+def as_spec(value: "DataSpec | dict | None") -> DataSpec:
+    """Accept a DataSpec or its dict form (as stored in checkpoints); None is a clear error."""
+    from ddkit.errors import DDKitError
+
+    if value is None:
+        raise DDKitError("data_spec: required (the CLI links it from the datamodule), got None")
+    return value if isinstance(value, DataSpec) else DataSpec.from_dict(value)

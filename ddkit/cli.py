@@ -1,0 +1,68 @@
+"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate``.
+
+Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option.
+Bad input ends with one line ``error: <field>: <problem>, got <value>`` and exit code 2 (``--debug`` shows the
+traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Quieter start-up: these are informational messages that every run would otherwise print.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from ddkit.errors import DDKitError  # noqa: E402
+
+
+def _lightning_cli(args: list[str]) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from ddkit.registry import import_stage_modules
+
+    import_stage_modules()  # subclass mode selects among the imported subclasses
+
+    class DDKitCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True})
+            parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+
+    DDKitCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+        },
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        if argv and argv[0] == "evaluate":
+            from ddkit.evaluation.cli import evaluate_cli
+
+            evaluate_cli(argv[1:])
+        else:
+            _lightning_cli(argv)
+    except DDKitError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""A DistilledSet as the training set, with the real dataset's validation and test splits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from ddkit.datamodules.real import RealDataModule
+from ddkit.errors import DDKitError
+from ddkit.formats.distilled import DistilledSet, load_distilled
+
+LABEL_MODES = ("auto", "hard", "soft")
+
+
+def check_compatible(ds: DistilledSet, data: RealDataModule, where: str = "distilled") -> None:
+    """A distilled set must have been made for the same dataset shape and preprocessing as ``data``."""
+    a, b = ds.spec, data.spec
+    for name in ("dataset", "num_classes", "in_chans", "image_size", "zca"):
+        if getattr(a, name) != getattr(b, name):
+            raise DDKitError(f"{where}: made for {name}={getattr(a, name)!r} but the data has "
+                             f"{name}={getattr(b, name)!r}, got {where}.{name}={getattr(a, name)!r}")
+
+
+def training_targets(ds: DistilledSet, labels: str) -> torch.Tensor:
+    """Hard labels [N] (int64) or soft targets softmax(label_logits) [N, K] (float32)."""
+    if labels not in LABEL_MODES:
+        raise DDKitError(f"labels: must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    if labels == "soft" or (labels == "auto" and ds.label_logits is not None):
+        return ds.soft_targets()
+    return ds.labels
+
+
+class DistilledDataModule(RealDataModule):
+    """Train on a DistilledSet; validate and test on the real dataset.
+
+    Args:
+        distilled: path of the DistilledSet directory.
+        labels: ``hard`` (CE on hard labels), ``soft`` (soft-target CE on softmax of the learned label logits, or
+            one-hot when there are none) or ``auto`` (soft when the set has learned logits).
+        **kwargs: the real dataset's options (see RealDataModule); ``batch_size`` applies to the distilled set.
+    """
+
+    def __init__(self, distilled: str, labels: str = "auto", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if labels not in LABEL_MODES:
+            raise DDKitError(f"labels: must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+        self.distilled_path = distilled
+        self.labels = labels
+        self.distilled = load_distilled(distilled)
+        check_compatible(self.distilled, self)
+        if self.distilled.zca is not None:
+            from ddkit.ops.zca import ZCA
+
+            self.zca = ZCA.from_state_dict(self.distilled.zca)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        targets = training_targets(self.distilled, self.labels)
+        self.train_set = TensorDataset(self.distilled.images, targets)

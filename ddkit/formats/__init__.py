@@ -1,0 +1,1 @@
+"""On-disk artifacts: save, load and validate. Nothing else in ddkit reads or writes them directly."""

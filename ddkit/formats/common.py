@@ -1,0 +1,128 @@
+"""Atomic writes, checksums and guarded safetensors I/O shared by every artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ddkit.errors import DDKitError
+
+
+def _check_writable_parent(path: Path, field: str) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DDKitError(f"{field}: cannot create directory {str(parent)!r} ({e.strerror}), got {str(path)!r}") from None
+    if not os.access(parent, os.W_OK):
+        raise DDKitError(f"{field}: directory is not writable, got {str(path)!r}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, field: str = "output") -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path``.
+
+    A crash before the end leaves ``path`` as it was (the temporary directory is removed, or at worst left as a
+    hidden ``.<name>.tmp-*`` sibling that no loader reads).
+    """
+    path = Path(path)
+    _check_writable_parent(path, field)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, field: str = "output") -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it is renamed over ``path``."""
+    path = Path(path)
+    _check_writable_parent(path, field)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, field: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DDKitError(f"{field}: file not found, got {str(path)!r}")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DDKitError(f"{field}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}), got {str(path)!r}") from None
+    if not isinstance(obj, dict):
+        raise DDKitError(f"{field}: expected a JSON object, got {str(path)!r}")
+    return obj
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save contiguous CPU copies of ``tensors`` to a safetensors file (the caller makes it atomic)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, field: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file is one clear DDKitError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DDKitError(f"{field}: file not found, got {str(path)!r}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DDKitError(f"{field}: not a valid safetensors file ({str(e).splitlines()[0]}), got {str(path)!r}") from None
+
+
+def check_finite(t: torch.Tensor, field: str) -> None:
+    """Raise if ``t`` holds NaN or inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise DDKitError(f"{field}: contains {bad} non-finite values (NaN or inf), got tensor of shape {tuple(t.shape)}")

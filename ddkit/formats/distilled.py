@@ -1,0 +1,230 @@
+"""DistilledSet: synthetic images with their labels and everything needed to evaluate them.
+
+Directory layout (DESIGN.md section 4)::
+
+    images.safetensors   images: float32 [N, C, H, W] in the training input space (normalized or ZCA-whitened)
+    labels.safetensors   labels: int64 [N]; optional label_logits: float32 [N, K]; optional step_size: float32 []
+    zca.safetensors      optional: the ZCA transform the images live in
+    meta.json            format, version, data_spec, ipc, method, config, teacher, sha256 of each tensor file
+    images/              optional SRe2L-compatible ImageFolder: new{c:03d}/class{c:03d}_id{i:03d}.png
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit.datamodules.spec import DataSpec
+from ddkit.errors import DDKitError
+from ddkit.formats.common import (
+    atomic_dir,
+    check_finite,
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
+
+FORMAT = "ddkit.distilled"
+VERSION = 1
+TENSOR_FILES = ("images.safetensors", "labels.safetensors", "zca.safetensors")
+
+
+@dataclass
+class DistilledSet:
+    """A distilled dataset in memory.
+
+    Args:
+        images: float32 [N, C, H, W], in the training input space described by ``spec``.
+        labels: int64 [N] hard labels.
+        spec: the real dataset's shape and preprocessing.
+        ipc: images per class.
+        method: what made it (``random``, ``sre2l``, ``scdd``, ``mtt``, ``datm``, ...).
+        label_logits: optional float32 [N, K] learned label logits (DATM); targets are their softmax.
+        step_size: optional learned learning rate (MTT/DATM), used by the ``soft`` protocol.
+        zca: optional ZCA state (``mean``, ``transform``, ``inverse``) the images are whitened with.
+        config: the full config of the run that made it.
+        teacher: reference ({path, sha256}) to the teacher it came from, if any.
+        extra: anything else worth recording (e.g. stored soft-label bytes).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    spec: DataSpec
+    ipc: int
+    method: str
+    label_logits: torch.Tensor | None = None
+    step_size: float | None = None
+    zca: dict[str, torch.Tensor] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def soft_targets(self) -> torch.Tensor:
+        """softmax(label_logits), or one-hot hard labels when there are no learned logits."""
+        if self.label_logits is not None:
+            return torch.softmax(self.label_logits.float(), dim=1)
+        return torch.nn.functional.one_hot(self.labels, self.spec.num_classes).float()
+
+    def validate(self, where: str = "distilled") -> None:
+        """Check shapes, dtypes, label range, per-class counts and finiteness; raise one DDKitError."""
+        s = self.spec
+        if self.ipc <= 0:
+            raise DDKitError(f"{where}.ipc: must be > 0, got {self.ipc!r}")
+        if self.images.dtype != torch.float32:
+            raise DDKitError(f"{where}.images: dtype must be float32, got {self.images.dtype}")
+        want = (s.in_chans, s.image_size, s.image_size)
+        if self.images.dim() != 4 or tuple(self.images.shape[1:]) != want:
+            raise DDKitError(f"{where}.images: shape must be [N, {', '.join(map(str, want))}], got {list(self.images.shape)}")
+        n = self.images.shape[0]
+        if self.labels.dtype != torch.int64 or tuple(self.labels.shape) != (n,):
+            raise DDKitError(f"{where}.labels: must be int64 of shape [{n}], got {self.labels.dtype} {list(self.labels.shape)}")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= s.num_classes):
+            raise DDKitError(f"{where}.labels: must lie in [0, {s.num_classes}), got range "
+                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
+        counts = torch.bincount(self.labels, minlength=s.num_classes)
+        if bool((counts != self.ipc).any()):
+            raise DDKitError(f"{where}.labels: every class must have ipc={self.ipc} images, got counts {counts.tolist()}")
+        check_finite(self.images, f"{where}.images")
+        if self.label_logits is not None:
+            if tuple(self.label_logits.shape) != (n, s.num_classes):
+                raise DDKitError(f"{where}.label_logits: shape must be [{n}, {s.num_classes}], "
+                                 f"got {list(self.label_logits.shape)}")
+            check_finite(self.label_logits, f"{where}.label_logits")
+        if self.step_size is not None and not (self.step_size > 0 and self.step_size < float("inf")):
+            raise DDKitError(f"{where}.step_size: must be a finite positive number, got {self.step_size!r}")
+        if self.zca is not None:
+            missing = {"mean", "transform", "inverse"} - set(self.zca)
+            if missing:
+                raise DDKitError(f"{where}.zca: missing tensors {sorted(missing)}, got {sorted(self.zca)}")
+
+
+def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None = None) -> Path:
+    """Validate ``ds`` and write it to the directory ``path`` atomically (temp dir, then rename).
+
+    Args:
+        export: also write the SRe2L-compatible image folder, as ``png`` or ``jpg`` (None: no image files).
+    """
+    ds.validate()
+    if export not in (None, "png", "jpg"):
+        raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
+    path = Path(path)
+    with atomic_dir(path, field="distilled") as tmp:
+        save_tensors(tmp / "images.safetensors", {"images": ds.images.float()})
+        labels = {"labels": ds.labels.long()}
+        if ds.label_logits is not None:
+            labels["label_logits"] = ds.label_logits.float()
+        if ds.step_size is not None:
+            labels["step_size"] = torch.tensor(float(ds.step_size), dtype=torch.float32)
+        save_tensors(tmp / "labels.safetensors", labels)
+        if ds.zca is not None:
+            save_tensors(tmp / "zca.safetensors", ds.zca)
+        if export is not None:
+            export_image_folder(ds, tmp / "images", export)
+        files = {name: sha256_file(tmp / name) for name in TENSOR_FILES if (tmp / name).is_file()}
+        write_json(tmp / "meta.json", {
+            "format": FORMAT,
+            "version": VERSION,
+            "data_spec": ds.spec.to_dict(),
+            "num_images": len(ds),
+            "ipc": ds.ipc,
+            "image_shape": list(ds.images.shape[1:]),
+            "method": ds.method,
+            "has_label_logits": ds.label_logits is not None,
+            "step_size": ds.step_size,
+            "zca": "zca.safetensors" if ds.zca is not None else None,
+            "config": ds.config,
+            "teacher": ds.teacher,
+            "extra": ds.extra,
+            "files": files,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    return path
+
+
+def load_distilled(path: str | os.PathLike, verify_checksums: bool = True) -> DistilledSet:
+    """Read and validate a DistilledSet directory; any problem is one clear DDKitError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DDKitError(f"distilled: directory not found, got {str(path)!r}")
+    meta = read_json(path / "meta.json", "distilled.meta")
+    if meta.get("format") != FORMAT:
+        raise DDKitError(f"distilled.meta.format: must be {FORMAT!r}, got {meta.get('format')!r}")
+    if meta.get("version") != VERSION:
+        raise DDKitError(f"distilled.meta.version: unsupported version, got {meta.get('version')!r}")
+    for key in ("data_spec", "ipc", "method", "files"):
+        if key not in meta:
+            raise DDKitError(f"distilled.meta: missing field {key!r}, got fields {sorted(meta)}")
+    for name, digest in meta["files"].items():
+        if not (path / name).is_file():
+            raise DDKitError(f"distilled.{name}: file not found, got {str(path / name)!r}")
+        if verify_checksums and sha256_file(path / name) != digest:
+            raise DDKitError(f"distilled.{name}: sha256 checksum mismatch (file changed or corrupt), got {str(path / name)!r}")
+    try:
+        spec = DataSpec.from_dict(meta["data_spec"])
+    except (TypeError, KeyError) as e:
+        raise DDKitError(f"distilled.meta.data_spec: malformed ({e}), got {meta['data_spec']!r}") from None
+    images = load_tensors(path / "images.safetensors", "distilled.images")
+    labels = load_tensors(path / "labels.safetensors", "distilled.labels")
+    if "images" not in images or "labels" not in labels:
+        raise DDKitError(f"distilled: tensor files lack 'images'/'labels', got {sorted(images)} and {sorted(labels)}")
+    zca = load_tensors(path / "zca.safetensors", "distilled.zca") if meta.get("zca") else None
+    step = labels.get("step_size")
+    ds = DistilledSet(
+        images=images["images"],
+        labels=labels["labels"],
+        spec=spec,
+        ipc=int(meta["ipc"]),
+        method=str(meta["method"]),
+        label_logits=labels.get("label_logits"),
+        step_size=None if step is None else float(step),
+        zca=zca,
+        config=meta.get("config", {}),
+        teacher=meta.get("teacher"),
+        extra=meta.get("extra", {}),
+    )
+    ds.validate(where=f"distilled[{path.name}]")
+    return ds
+
+
+def to_pixels(images: torch.Tensor, spec: DataSpec, zca: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Map training-space images back to [0, 1] pixels (undo ZCA or mean/std normalization), clamped."""
+    x = images.detach().float().cpu()
+    if zca is not None:
+        flat = x.flatten(1) @ zca["inverse"] + zca["mean"]
+        x = flat.view_as(x)
+    else:
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        x = x * std + mean
+    return x.clamp(0, 1)
+
+
+def export_image_folder(ds: DistilledSet, root: Path, ext: str = "png", rounding: str = "truncate") -> None:
+    """Write ``root/new{c:03d}/class{c:03d}_id{i:03d}.{ext}`` (the SRe2L layout, readable by ImageFolder).
+
+    ``rounding="truncate"`` reproduces the reference's ``(x * 255).astype(uint8)``; ``"round"`` rounds.
+    """
+    from PIL import Image
+
+    pixels = to_pixels(ds.images, ds.spec, ds.zca) * 255
+    pixels = pixels.floor() if rounding == "truncate" else pixels.round()
+    pixels = pixels.to(torch.uint8)
+    seen: dict[int, int] = {}
+    for img, c in zip(pixels, ds.labels.tolist()):
+        i = seen.get(c, 0)
+        seen[c] = i + 1
+        folder = root / f"new{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = img.permute(1, 2, 0).numpy()
+        mode = "L" if arr.shape[2] == 1 else "RGB"
+        Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode).save(folder / f"class{c:03d}_id{i:03d}.{ext}")

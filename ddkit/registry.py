@@ -1,0 +1,16 @@
+"""The modules LightningCLI's subclass mode must import so that their classes can be selected by name."""
+
+from __future__ import annotations
+
+import importlib
+
+STAGE_MODULES = (
+    "ddkit.datamodules.real",
+    "ddkit.datamodules.distilled",
+    "ddkit.modules.classifier",
+)
+
+
+def import_stage_modules() -> None:
+    for name in STAGE_MODULES:
+        importlib.import_module(name)
