@@ -40,13 +40,29 @@ def _lightning_cli(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            "log_every_n_steps": 10,
         },
         args=args,
     )
 
 
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising tips and a deprecation warning of its own that users cannot act on."""
+    import logging
+    import warnings
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in str(record.msg)
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_lightning()
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")

@@ -1,0 +1,378 @@
+"""Gradient engines for trajectory matching (MTT [1], DATM [2], TESLA [3]).
+
+One matching step starts a functional student at an expert checkpoint ``theta_0``, runs ``N`` plain SGD steps
+on (augmented) minibatches of the synthetic set,
+
+    theta_{i+1} = theta_i - alpha * g_i,    g_i = grad_theta loss(f(aug(X[idx_i]); theta_i), Y[idx_i]),
+
+and measures ``L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` against the expert's later checkpoint
+``theta*``. ``matching_gradients`` returns ``L`` and its gradients w.r.t. the images ``X``, the label logits
+``Y`` (soft labels, DATM) and the step size ``alpha``, computed by one of three engines:
+
+- ``unroll``: autograd through the whole inner loop (``create_graph=True``), as MTT and DATM do. Exact;
+  activation memory grows linearly with ``N``.
+- ``tesla``: TESLA's constant-memory approximation [3]. Exact only for ``N = 1`` (biased otherwise).
+- ``adjoint``: the reverse-mode adjoint recursion, recomputing one step at a time. Exact (equal to ``unroll``
+  up to rounding) with TESLA's memory profile.
+
+The engines need each inner step to be recomputable: the same indices, the same augmentation draw (``augment``
+is called with the step's seed and must be deterministic given it) and no stateful layers (instance/group norm
+is fine; BatchNorm in train mode would update its running statistics on every recomputation).
+
+References:
+    [1] Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR 2022.
+    [2] Guo et al., "Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory Matching",
+        ICLR 2024.
+    [3] Cui et al., "Scaling Up Dataset Distillation to ImageNet-1K with Constant Memory", ICML 2023.
+
+Example:
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    >>> forward, theta0 = functional_forward(net), flatten_params(net)
+    >>> images, labels = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    >>> loop = InnerLoop(batches=[torch.arange(3), torch.arange(3, 6)], aug_seeds=None)
+    >>> result = matching_gradients("adjoint", forward, theta0, theta0 + 0.01, images, labels,
+    ...                             torch.tensor(0.01, dtype=torch.float64), loop, augment=None)
+    >>> result.grad_images.shape, result.grad_labels.shape
+    (torch.Size([6, 1, 4, 4]), torch.Size([6, 3]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddkit.errors import check
+
+Forward = Callable[[Tensor, Tensor], Tensor]
+"""``forward(x, flat_params) -> logits``: the functional student."""
+
+Augment = Callable[[Tensor, int], Tensor]
+"""``augment(x_batch, seed) -> x_batch``: deterministic given ``seed``, differentiable w.r.t. ``x_batch``."""
+
+ENGINES = ("unroll", "tesla", "adjoint")
+
+
+@dataclass
+class InnerLoop:
+    """Everything needed to replay the inner SGD exactly.
+
+    Args:
+        batches: one LongTensor of synthetic-set indices per inner step (the caller draws them without
+            replacement, e.g. MTT's ``randperm(N_syn).split(batch_syn)`` chunks).
+        aug_seeds: one augmentation seed per inner step, or ``None`` for no augmentation.
+    """
+
+    batches: list[Tensor]
+    aug_seeds: list[int] | None
+
+
+@dataclass
+class MatchingResult:
+    """The matching loss and its gradients.
+
+    Args:
+        loss: 0-d, detached: ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
+        grad_images: ``dL/dX``, same shape as the images.
+        grad_labels: ``dL/dY``, same shape as the label logits; ``None`` for hard labels.
+        grad_step_size: ``dL/dalpha``, 0-d.
+    """
+
+    loss: Tensor
+    grad_images: Tensor
+    grad_labels: Tensor | None
+    grad_step_size: Tensor
+
+
+def flatten_params(net: nn.Module) -> Tensor:
+    """``[P]`` detached concatenation of ``net.parameters()`` in order (MTT's ``ReparamModule`` layout)."""
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def functional_forward(net: nn.Module) -> Forward:
+    """The functional student ``forward(x, flat_params) -> net(x)`` with parameters taken from ``flat_params``.
+
+    ``flat_params`` (``[P]``) is split in ``net.parameters()`` order, the layout of ``flatten_params`` and of
+    expert buffers, and fed through ``torch.func.functional_call``; buffers are ``net``'s own.
+
+    Args:
+        net: the architecture; its own parameter values are not used by ``forward``.
+
+    Returns:
+        ``forward(x: [N, ...], flat_params: [P]) -> [N, num_classes]``, differentiable w.r.t. both.
+    """
+    named = list(net.named_parameters())
+    names, shapes = [name for name, _ in named], [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+
+    def forward(x: Tensor, flat_params: Tensor) -> Tensor:
+        check(
+            flat_params.numel() == sum(sizes),
+            "flat_params",
+            f"must have {sum(sizes)} elements",
+            tuple(flat_params.shape),
+        )
+        chunks = flat_params.split(sizes)
+        params = {name: chunk.view(shape) for name, chunk, shape in zip(names, chunks, shapes)}
+        return torch.func.functional_call(net, params, (x,))
+
+    return forward
+
+
+def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """DATM's soft-target cross-entropy: ``mean_j sum_k -softmax(Y_j)_k * log_softmax(z_j)_k`` [2].
+
+    Args:
+        logits: ``[B, C]`` student logits ``z``.
+        target_logits: ``[B, C]`` label logits ``Y`` (temperature 1); gradients reach them through the softmax.
+
+    Returns:
+        0-d loss.
+    """
+    return -(target_logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def start_epoch_upper_bound(
+    iteration: int,
+    current_max_start_epoch: int,
+    max_start_epoch: int,
+    expansion_end_epoch: int,
+    sequential: bool,
+) -> int:
+    """DATM's upper bound ``UB`` on the expert start epoch; the start epoch is drawn from ``[T-, UB)`` [2].
+
+    ``UB = min(T + int((T+ - T) * it / expansion_end_epoch), T+)`` with ``T = current_max_start_epoch`` and
+    ``T+ = max_start_epoch``, exactly as ``distill/DATM.py`` computes it; ``T+`` when not ``sequential``.
+
+    Raises:
+        DDKitError: if ``sequential`` and ``expansion_end_epoch <= 0``.
+    """
+    if not sequential:
+        return max_start_epoch
+    check(expansion_end_epoch > 0, "expansion_end_epoch", "must be > 0", expansion_end_epoch)
+    grown = current_max_start_epoch + int(
+        (max_start_epoch - current_max_start_epoch) * iteration / expansion_end_epoch
+    )
+    return min(grown, max_start_epoch)
+
+
+def _inner_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy with hard (integer) labels, soft cross-entropy with label logits."""
+    if labels.is_floating_point():
+        return soft_cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The detached inputs of one matching step (see ``matching_gradients``)."""
+
+    forward: Forward
+    theta0: Tensor
+    target: Tensor
+    images: Tensor
+    labels: Tensor
+    step_size: Tensor
+    loop: InnerLoop
+    augment: Augment | None
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.is_floating_point()
+
+    def inner_grad(self, step: int, theta: Tensor, x: Tensor, y: Tensor, create_graph: bool) -> Tensor:
+        """``[P]`` gradient at ``theta`` (requiring grad) of inner step ``step``'s loss on batch ``x, y``.
+
+        ``x`` is the un-augmented image batch; the step's augmentation seed is applied here.
+        """
+        if self.augment is not None and self.loop.aug_seeds is not None:
+            x = self.augment(x, self.loop.aug_seeds[step])
+        loss = _inner_loss(self.forward(x, theta), y)
+        return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+    def loss(self, theta_n: Tensor) -> Tensor:
+        """``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``."""
+        return (theta_n - self.target).square().sum() / (self.theta0 - self.target).square().sum()
+
+
+def _unroll(p: _Problem) -> MatchingResult:
+    """Full unroll (MTT/DATM): keep every step's graph, one backward of ``L`` through all of them."""
+    images, step_size = p.images.clone().requires_grad_(), p.step_size.clone().requires_grad_()
+    labels = p.labels.clone().requires_grad_(p.soft)
+    theta = p.theta0.clone().requires_grad_()
+    for step, idx in enumerate(p.loop.batches):
+        theta = theta - step_size * p.inner_grad(step, theta, images[idx], labels[idx], create_graph=True)
+    loss = p.loss(theta)
+    grads = torch.autograd.grad(loss, [images, step_size, *([labels] if p.soft else [])])
+    return MatchingResult(loss.detach(), grads[0], grads[2] if p.soft else None, grads[1])
+
+
+def _trajectory(p: _Problem) -> list[Tensor]:
+    """Pass 1 of TESLA and the adjoint: ``[theta_0, ..., theta_N]`` (detached), one step's graph at a time."""
+    thetas = [p.theta0]
+    for step, idx in enumerate(p.loop.batches):
+        theta = thetas[-1].detach().requires_grad_()
+        g = p.inner_grad(step, theta, p.images[idx], p.labels[idx], create_graph=False)
+        thetas.append(thetas[-1] - p.step_size * g)
+    return thetas
+
+
+def _step_vjp(
+    p: _Problem, step: int, theta: Tensor, lam: Tensor, with_theta: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Recompute inner step ``step`` at ``theta`` with a graph and differentiate ``s = <lam, g_step>``.
+
+    Returns:
+        ``s`` (0-d), ``ds/dtheta`` (``[P]``, only if ``with_theta``), ``ds/dX[idx]`` and ``ds/dY[idx]``
+        (``None`` for hard labels), all detached.
+    """
+    idx = p.loop.batches[step]
+    theta = theta.detach().requires_grad_()
+    x, y = p.images[idx].requires_grad_(), p.labels[idx].requires_grad_(p.soft)
+    s = torch.dot(lam, p.inner_grad(step, theta, x, y, create_graph=True))
+    wrt = [*([theta] if with_theta else []), x, *([y] if p.soft else [])]
+    grads = list(torch.autograd.grad(s, wrt))
+    s_theta = grads.pop(0) if with_theta else None
+    return s.detach(), s_theta, grads[0], grads[1] if p.soft else None
+
+
+def _reverse_sweep(p: _Problem, exact: bool) -> MatchingResult:
+    """Pass 1 without graph, then steps ``N-1 .. 0`` recomputed one at a time.
+
+    With ``lam = dL/dtheta_{i+1}`` and ``s = <lam, g_i>``, step ``i`` adds ``-alpha * ds/dX`` to
+    ``grad_X[idx_i]``, ``-alpha * ds/dY`` to ``grad_Y[idx_i]`` and ``-s`` to ``grad_alpha``. If ``exact``,
+    ``lam <- lam - alpha * ds/dtheta = (I - alpha H_i) lam`` (the adjoint); otherwise ``lam`` stays at
+    ``lam_N = 2 (theta_N - theta*) / ||theta_0 - theta*||^2`` (TESLA).
+    """
+    thetas, alpha = _trajectory(p), p.step_size
+    lam = 2 * (thetas[-1] - p.target) / (p.theta0 - p.target).square().sum()
+    grad_images = torch.zeros_like(p.images)
+    grad_labels = torch.zeros_like(p.labels) if p.soft else None
+    grad_alpha = torch.zeros_like(alpha)
+    for step in reversed(range(len(p.loop.batches))):
+        idx = p.loop.batches[step]
+        s, s_theta, s_x, s_y = _step_vjp(p, step, thetas[step], lam, with_theta=exact)
+        grad_images.index_add_(0, idx, -alpha * s_x)
+        if grad_labels is not None:
+            grad_labels.index_add_(0, idx, -alpha * s_y)
+        grad_alpha -= s
+        if s_theta is not None:
+            lam = lam - alpha * s_theta
+    return MatchingResult(p.loss(thetas[-1]), grad_images, grad_labels, grad_alpha)
+
+
+def _tesla(p: _Problem) -> MatchingResult:
+    """TESLA [3] (``distill.py``; DATM's ``DATM_tesla.py``): constant activation memory, **biased** gradient.
+
+    Every step is back-propagated with the final ``lam_N = dL/dtheta_N`` instead of ``dL/dtheta_{i+1}``, i.e.
+    the Hessian-vector coupling along the trajectory is dropped, and ``dL/dalpha = -<lam_N, G>`` holds
+    ``G = sum_i g_i`` constant. The loss value is exact; the gradients are exact only for one inner step (or
+    vanishing loss Hessians) and drift from ``unroll`` as ``N * alpha * ||H||`` grows.
+    """
+    return _reverse_sweep(p, exact=False)
+
+
+def _adjoint(p: _Problem) -> MatchingResult:
+    """Exact reverse-mode adjoint: ``unroll``'s gradient with activation memory independent of ``N``.
+
+    Stores ``theta_0 .. theta_N`` (``(N + 1) * P`` floats) and holds one step's graph at a time; one
+    double-backward per step gives the Hessian-vector product that carries ``lam`` back one step.
+    """
+    return _reverse_sweep(p, exact=True)
+
+
+_ENGINE_FNS: dict[str, Callable[[_Problem], MatchingResult]] = {
+    "unroll": _unroll,
+    "tesla": _tesla,
+    "adjoint": _adjoint,
+}
+
+
+def _check_inputs(
+    theta0: Tensor,
+    target: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    step_size: Tensor,
+    loop: InnerLoop,
+    augment: Augment | None,
+) -> None:
+    check(
+        theta0.dim() == 1 and theta0.shape == target.shape,
+        "target",
+        f"must have theta0's shape {tuple(theta0.shape)} (1-D)",
+        tuple(target.shape),
+    )
+    check(step_size.dim() == 0, "step_size", "must be a 0-d tensor", tuple(step_size.shape))
+    soft = labels.is_floating_point()
+    check(
+        labels.dim() == (2 if soft else 1) and labels.shape[0] == images.shape[0],
+        "labels",
+        f"must be [{images.shape[0]}] class indices or [{images.shape[0]}, C] logits",
+        tuple(labels.shape),
+    )
+    check(len(loop.batches) > 0, "batches", "must hold at least one inner step", len(loop.batches))
+    check(
+        (augment is None) == (loop.aug_seeds is None),
+        "augment",
+        "must be given exactly when aug_seeds is",
+        "None" if augment is None else "a callable",
+    )
+    if loop.aug_seeds is not None:
+        check(
+            len(loop.aug_seeds) == len(loop.batches),
+            "aug_seeds",
+            f"must hold one seed per inner step ({len(loop.batches)})",
+            len(loop.aug_seeds),
+        )
+
+
+def matching_gradients(
+    engine: str,
+    forward: Forward,
+    theta0: Tensor,
+    target: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    step_size: Tensor,
+    loop: InnerLoop,
+    augment: Augment | None,
+) -> MatchingResult:
+    """Trajectory-matching loss and its gradients w.r.t. images, label logits and step size.
+
+    The inputs are not modified and need not require grad; the caller writes the returned gradients into
+    ``.grad`` and steps its optimizers (MTT/DATM: SGD momentum 0.5 for images and step size, 0.9 for labels).
+
+    Args:
+        engine: one of ``ENGINES``: ``unroll`` (reference), ``tesla`` (approximate), ``adjoint`` (exact).
+        forward: functional student, ``forward(x, flat_params) -> logits`` (see ``functional_forward``).
+        theta0: ``[P]`` student start, the expert's parameters at the start epoch.
+        target: ``[P]`` expert parameters ``M`` epochs later (``theta*``).
+        images: ``[N_syn, C, H, W]`` synthetic images ``X``.
+        labels: ``[N_syn]`` integer class labels (cross-entropy, MTT) or ``[N_syn, K]`` float label logits
+            (soft cross-entropy with ``softmax(Y)`` targets, DATM).
+        step_size: 0-d learnable inner learning rate ``alpha``.
+        loop: per-step batch indices and augmentation seeds.
+        augment: ``augment(x_batch, seed)``, deterministic given the seed (e.g. DSA with
+            ``seeded_generator(seed)``), or ``None`` exactly when ``loop.aug_seeds`` is ``None``.
+
+    Returns:
+        ``MatchingResult`` with the loss and gradients (``grad_labels`` is ``None`` for hard labels).
+
+    Raises:
+        DDKitError: for an unknown ``engine`` or inconsistent inputs.
+    """
+    check(engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}", engine)
+    _check_inputs(theta0, target, images, labels, step_size, loop, augment)
+    device = images.device
+    problem = _Problem(
+        forward,
+        *(t.detach() for t in (theta0, target, images, labels, step_size)),
+        InnerLoop([idx.to(device) for idx in loop.batches], loop.aug_seeds),
+        augment,
+    )
+    with torch.enable_grad():
+        return _ENGINE_FNS[engine](problem)
