@@ -300,6 +300,7 @@ def _check_inputs(
     loop: InnerLoop,
     augment: Augment | None,
 ) -> None:
+    """Raise ``DDKitError`` naming the first inconsistent argument of ``matching_gradients``."""
     check(
         theta0.dim() == 1 and theta0.shape == target.shape,
         "target",
