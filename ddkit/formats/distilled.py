@@ -200,8 +200,9 @@ def to_pixels(images: torch.Tensor, spec: DataSpec, zca: dict[str, torch.Tensor]
     """Map training-space images back to [0, 1] pixels (undo ZCA or mean/std normalization), clamped."""
     x = images.detach().float().cpu()
     if zca is not None:
-        flat = x.flatten(1) @ zca["inverse"] + zca["mean"]
-        x = flat.view_as(x)
+        from ddkit.ops.zca import ZCA, invert_zca
+
+        x = invert_zca(x, ZCA.from_state_dict(zca))
     else:
         mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
         std = torch.tensor(spec.std).view(1, -1, 1, 1)
