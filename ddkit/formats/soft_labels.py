@@ -1,0 +1,307 @@
+"""Stored teacher soft labels (FKD-style, SRe2L's relabel): per epoch and batch, the views, the mix and the logits.
+
+Directory layout::
+
+    meta.json                   format, version, the plan (images fingerprint, batch size, epochs, seed, augment,
+                                mix, ...), the teacher reference, ``complete``, and the bytes on disk
+    epoch_{e:04d}.safetensors   one shard per epoch, with N = number of images, n_b = ceil(N / batch_size):
+        order     int64   [N]      image indices in batch order: batch b is order[b * B:(b + 1) * B]
+        boxes     int32   [N, 4]   per position: crop box (top, left, height, width), in the padded image for
+                                   ``crop_flip`` (padding in the plan), in the image for ``rrc_flip``
+        flips     uint8   [N]      per position: 1 = flipped horizontally (after the crop)
+        mix_perm  int64   [N]      per position: the batch-local mix permutation (each batch's slice is a
+                                   permutation of 0..n-1)
+        mix_lam   float64 [n_b]    per batch: lambda (weight of the original image)
+        mix_box   int32   [n_b, 4] per batch: cutmix box (y0, y1, x0, x1); zeros for mixup / none
+        logits    float16 [N, K]   per position: the teacher's logits on the mixed view
+
+One shard per epoch (not SRe2L's one file per batch) keeps the file count low; a batch is a slice of it, read
+lazily through safetensors' memory map. Shards are written atomically, so a crashed relabel pass resumes by
+skipping the shards that exist; ``meta.json`` says ``complete: true`` only once every shard is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ddkit.errors import DDKitError
+from ddkit.formats.common import atomic_file, read_json, save_tensors, write_json
+
+FORMAT = "ddkit.soft_labels"
+VERSION = 1
+SHARD_KEYS = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logits")
+SHARD_DTYPES = {"order": torch.int64, "boxes": torch.int32, "flips": torch.uint8, "mix_perm": torch.int64,
+                "mix_lam": torch.float64, "mix_box": torch.int32, "logits": torch.float16}
+# Plan fields that must agree between a store and the run that replays it (epochs and teacher are checked apart).
+PLAN_FIELDS = ("num_images", "num_classes", "image_shape", "images_sha256", "batch_size", "seed", "augment",
+               "view_size", "crop_scale", "padding", "mix", "mix_alpha")
+
+
+def shard_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.safetensors"
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to)."""
+    t = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
+    h.update(memoryview(t.view(torch.uint8).numpy() if t.numel() else bytes()))
+    return h.hexdigest()
+
+
+def num_batches(num_images: int, batch_size: int) -> int:
+    return -(-num_images // batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def _meta_path(path: Path) -> Path:
+    return path / "meta.json"
+
+
+def read_soft_label_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``meta.json`` of a store (format, version, fields); one DDKitError on any problem."""
+    path = Path(path)
+    meta = read_json(_meta_path(path), "soft_labels.meta")
+    if meta.get("format") != FORMAT:
+        raise DDKitError(f"soft_labels.meta.format: must be {FORMAT!r}, got {meta.get('format')!r}")
+    if meta.get("version") != VERSION:
+        raise DDKitError(f"soft_labels.meta.version: unsupported version, got {meta.get('version')!r}")
+    missing = [k for k in (*PLAN_FIELDS, "epochs", "complete") if k not in meta]
+    if missing:
+        raise DDKitError(f"soft_labels.meta: missing fields {missing}, got fields {sorted(meta)}")
+    return meta
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+    return a == b
+
+
+def check_soft_labels(path: str | os.PathLike, plan: dict[str, Any], epochs: int,
+                      teacher: dict[str, str] | None = None) -> str:
+    """Compare a store with the run that wants it.
+
+    Args:
+        path: the store directory.
+        plan: the run's values of :data:`PLAN_FIELDS` (``seed`` may be None: take the store's).
+        epochs: epochs the run trains for; the store must hold at least as many.
+        teacher: the run's teacher reference ({path, sha256}) or None (no teacher: use the store as it is).
+
+    Returns:
+        ``"absent"`` (no meta.json), ``"partial"`` (an unfinished relabel pass with the same plan) or ``"complete"``.
+
+    Raises:
+        DDKitError: the store was made for other images, another batch size, fewer epochs, another teacher, ...
+    """
+    path = Path(path)
+    if not _meta_path(path).is_file():
+        if path.is_dir() and any(path.iterdir()):
+            raise DDKitError(f"soft_labels: directory exists but has no meta.json (not a soft-label store), "
+                             f"got {str(path)!r}")
+        return "absent"
+    meta = read_soft_label_meta(path)
+    for key in PLAN_FIELDS:
+        want = plan.get(key)
+        if key == "seed" and want is None:
+            continue
+        if not _same(meta[key], want):
+            raise DDKitError(f"soft_labels.{key}: the stored labels were made with {key}={meta[key]!r}, this run has "
+                             f"{key}={want!r} (use another soft_labels directory or match it), got {str(path)!r}")
+    if meta["epochs"] < epochs:
+        raise DDKitError(f"soft_labels.epochs: the stored labels hold {meta['epochs']} epochs, fewer than the "
+                         f"{epochs} requested, got {str(path)!r}")
+    stored_teacher = meta.get("teacher")
+    if teacher is not None and stored_teacher is not None and stored_teacher.get("sha256") != teacher.get("sha256"):
+        raise DDKitError(f"soft_labels.teacher: the stored labels were made with another teacher "
+                         f"(sha256 {str(stored_teacher.get('sha256'))[:12]}...), got teacher {teacher.get('path')!r}")
+    if not meta["complete"]:
+        if meta["epochs"] != epochs:
+            raise DDKitError(f"soft_labels.epochs: an unfinished relabel pass for {meta['epochs']} epochs is there, "
+                             f"this run wants {epochs}, got {str(path)!r}")
+        return "partial"
+    return "complete"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def begin_soft_labels(path: str | os.PathLike, plan: dict[str, Any], epochs: int,
+                      teacher: dict[str, str] | None, extra: dict[str, Any] | None = None) -> None:
+    """Start a store: write ``meta.json`` with ``complete: false`` (one process only, e.g. rank 0)."""
+    if epochs <= 0:
+        raise DDKitError(f"soft_labels.epochs: must be > 0, got {epochs!r}")
+    meta = {"format": FORMAT, "version": VERSION, **plan, "epochs": int(epochs), "teacher": teacher,
+            "logits_dtype": "float16", "complete": False, "extra": extra or {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(_meta_path(Path(path)), meta)
+
+
+def shard_exists(path: str | os.PathLike, epoch: int) -> bool:
+    return (Path(path) / shard_name(epoch)).is_file()
+
+
+def save_shard(path: str | os.PathLike, epoch: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Check one epoch's tensors (names, dtypes, shapes) and write them atomically."""
+    missing = [k for k in SHARD_KEYS if k not in tensors]
+    if missing:
+        raise DDKitError(f"soft_labels.shard: missing tensors {missing}, got {sorted(tensors)}")
+    t = {k: tensors[k].detach().cpu().to(SHARD_DTYPES[k]).contiguous() for k in SHARD_KEYS}
+    n = t["order"].shape[0]
+    nb = t["mix_lam"].shape[0]
+    shapes = {"boxes": (n, 4), "flips": (n,), "mix_perm": (n,), "mix_box": (nb, 4)}
+    for k, shape in shapes.items():
+        if tuple(t[k].shape) != shape:
+            raise DDKitError(f"soft_labels.shard.{k}: shape must be {list(shape)}, got {list(t[k].shape)}")
+    if t["logits"].dim() != 2 or t["logits"].shape[0] != n:
+        raise DDKitError(f"soft_labels.shard.logits: shape must be [{n}, K], got {list(t['logits'].shape)}")
+    if not bool(torch.isfinite(t["logits"]).all()):
+        raise DDKitError(f"soft_labels.shard.logits: contains non-finite values (fp16 overflow?), got epoch {epoch}")
+    target = Path(path) / shard_name(epoch)
+    with atomic_file(target, field="soft_labels") as tmp:
+        save_tensors(tmp, t, metadata={"epoch": str(epoch)})
+    return target
+
+
+def finish_soft_labels(path: str | os.PathLike, images_bytes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Close a store once every shard is written: record the bytes on disk and set ``complete: true``.
+
+    Args:
+        images_bytes: sizes of the images the labels belong to, e.g. ``{"float32": ..., "uint8": ...}``; the meta gets
+            ``bytes.images_<key>`` and the ratios ``bytes.labels_over_images_<key>``.
+
+    Returns:
+        The new meta.
+    """
+    path = Path(path)
+    meta = read_soft_label_meta(path)
+    missing = [e for e in range(meta["epochs"]) if not shard_exists(path, e)]
+    if missing:
+        raise DDKitError(f"soft_labels: {len(missing)} epoch shards missing (first {missing[0]}), got {str(path)!r}")
+    shard_bytes = [(path / shard_name(e)).stat().st_size for e in range(meta["epochs"])]
+    total = sum(shard_bytes)
+    sizes: dict[str, Any] = {"labels": total, "per_epoch": shard_bytes[0] if shard_bytes else 0,
+                             "shards": shard_bytes}
+    for key, value in (images_bytes or {}).items():
+        sizes[f"images_{key}"] = int(value)
+        sizes[f"labels_over_images_{key}"] = total / value if value else None
+    meta.update(complete=True, bytes=sizes, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json(_meta_path(path), meta)
+    return meta
+
+
+def remove_soft_labels(path: str | os.PathLike) -> None:
+    """Delete a store (only a directory that holds a soft-label meta.json, or nothing at all)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not _meta_path(path).is_file():
+        raise DDKitError(f"soft_labels: refusing to delete a directory that is not a soft-label store, got {str(path)!r}")
+    shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class SoftLabelReader:
+    """Reads one batch of one epoch from a store, lazily (safetensors memory map, one open shard at a time).
+
+    Picklable (the open handle is dropped), so it can live in a Dataset used by DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.meta = read_soft_label_meta(self.path)
+        self.batch_size = int(self.meta["batch_size"])
+        self.num_images = int(self.meta["num_images"])
+        self._epoch: int | None = None
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_epoch": None, "_handle": None}
+
+    def _open(self, epoch: int):
+        if epoch != self._epoch:
+            if not 0 <= epoch < self.meta["epochs"]:
+                raise DDKitError(f"soft_labels: epoch out of range [0, {self.meta['epochs']}), got {epoch}")
+            file = self.path / shard_name(epoch)
+            if not file.is_file():
+                raise DDKitError(f"soft_labels: shard file not found, got {str(file)!r}")
+            try:
+                self._handle = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises several types for corrupt files
+                raise DDKitError(f"soft_labels: not a valid safetensors file ({str(e).splitlines()[0]}), "
+                                 f"got {str(file)!r}") from None
+            missing = [k for k in SHARD_KEYS if k not in self._handle.keys()]
+            if missing:
+                raise DDKitError(f"soft_labels: shard lacks tensors {missing}, got {str(file)!r}")
+            self._epoch = epoch
+        return self._handle
+
+    def batch(self, epoch: int, b: int) -> dict[str, torch.Tensor]:
+        """Batch ``b`` of ``epoch``: ``index``, ``boxes``, ``flips``, ``mix_perm`` (length n), ``mix_lam`` (scalar,
+        float64), ``mix_box`` [4] and ``logits`` [n, K] (float16)."""
+        f = self._open(epoch)
+        nb = num_batches(self.num_images, self.batch_size)
+        if not 0 <= b < nb:
+            raise DDKitError(f"soft_labels: batch out of range [0, {nb}), got {b}")
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_images)
+        return {
+            "index": f.get_slice("order")[lo:hi],
+            "boxes": f.get_slice("boxes")[lo:hi],
+            "flips": f.get_slice("flips")[lo:hi],
+            "mix_perm": f.get_slice("mix_perm")[lo:hi],
+            "mix_lam": f.get_slice("mix_lam")[b:b + 1][0],
+            "mix_box": f.get_slice("mix_box")[b:b + 1][0],
+            "logits": f.get_slice("logits")[lo:hi],
+        }
+
+
+def validate_soft_labels(path: str | os.PathLike, deep: bool = False) -> dict[str, Any]:
+    """Check a store: meta, every shard present (and with its recorded size); with ``deep``, every shard's tensors
+    (dtypes, shapes, finite logits, valid orders and permutations). Returns the meta."""
+    path = Path(path)
+    meta = read_soft_label_meta(path)
+    if not meta["complete"]:
+        raise DDKitError(f"soft_labels: the relabel pass did not finish (meta.json complete=false), got {str(path)!r}")
+    sizes = (meta.get("bytes") or {}).get("shards") or []
+    n, bs, k = meta["num_images"], meta["batch_size"], meta["num_classes"]
+    nb = num_batches(n, bs)
+    for e in range(meta["epochs"]):
+        file = path / shard_name(e)
+        if not file.is_file():
+            raise DDKitError(f"soft_labels: shard file not found, got {str(file)!r}")
+        if e < len(sizes) and file.stat().st_size != sizes[e]:
+            raise DDKitError(f"soft_labels: shard size differs from meta.json (changed or truncated), got {str(file)!r}")
+        if not deep:
+            continue
+        from ddkit.formats.common import load_tensors
+
+        t = load_tensors(file, f"soft_labels[{e}]")
+        for key, dtype in SHARD_DTYPES.items():
+            if key not in t or t[key].dtype != dtype:
+                raise DDKitError(f"soft_labels[{e}].{key}: must be {dtype}, got {t[key].dtype if key in t else None}")
+        if tuple(t["logits"].shape) != (n, k) or tuple(t["mix_lam"].shape) != (nb,):
+            raise DDKitError(f"soft_labels[{e}]: logits must be [{n}, {k}] and mix_lam [{nb}], got "
+                             f"{list(t['logits'].shape)} and {list(t['mix_lam'].shape)}")
+        if not torch.equal(torch.sort(t["order"]).values, torch.arange(n)):
+            raise DDKitError(f"soft_labels[{e}].order: must be a permutation of 0..{n - 1}, got another tensor")
+        for b in range(nb):
+            lo, hi = b * bs, min((b + 1) * bs, n)
+            if not torch.equal(torch.sort(t["mix_perm"][lo:hi]).values, torch.arange(hi - lo)):
+                raise DDKitError(f"soft_labels[{e}].mix_perm: batch {b} is not a permutation, got another tensor")
+        if not bool(torch.isfinite(t["logits"]).all()):
+            raise DDKitError(f"soft_labels[{e}].logits: contains non-finite values, got epoch {e}")
+    return meta
