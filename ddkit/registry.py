@@ -8,6 +8,8 @@ STAGE_MODULES = (
     "ddkit.datamodules.real",
     "ddkit.datamodules.distilled",
     "ddkit.modules.classifier",
+    "ddkit.datamodules.experts",
+    "ddkit.modules.matching",
     "ddkit.datamodules.recover",
     "ddkit.modules.recover",
 )
