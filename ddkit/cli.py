@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from ddkit.errors import DDKitError  # noqa: E402
 
 
-def _lightning_cli(args: list[str]) -> None:
+def _lightning_cli(args: list[str] | None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
@@ -61,23 +61,39 @@ def quiet_lightning() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_lightning()
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+        if from_command_line:
+            sys.argv.remove("--debug")
     try:
         if argv and argv[0] == "evaluate":
             from ddkit.evaluation.cli import evaluate_cli
 
             evaluate_cli(argv[1:])
         else:
-            _lightning_cli(argv)
-    except DDKitError as e:
-        if debug:
+            # LightningCLI reads sys.argv itself; giving it both is reported as a likely mistake.
+            _lightning_cli(None if from_command_line else argv)
+    except Exception as e:
+        cause = _ddkit_cause(e)
+        if cause is None or debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _ddkit_cause(e: BaseException | None) -> DDKitError | None:
+    """The DDKitError behind ``e``: jsonargparse and Lightning wrap errors raised while building a stage."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DDKitError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The one exception type for bad input: its message is a single line naming the field and the value."""
 
 
-class DDKitError(ValueError):
+class DDKitError(Exception):
     """Bad input (a config value, a file, a tensor). The CLI prints the message alone and exits non-zero."""
 
 
