@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader, TensorDataset
 
 from ddkit.datamodules.real import RealDataModule
 from ddkit.errors import DDKitError
@@ -59,3 +60,11 @@ class DistilledDataModule(RealDataModule):
         super().setup(stage)
         targets = training_targets(self.distilled, self.labels)
         self.train_set = TensorDataset(self.distilled.images, targets)
+
+    def train_dataloader(self) -> DataLoader:
+        # A stage that samples the distilled set itself (KD: per-batch views and mixes, stored teacher labels) says
+        # so by defining train_dataloader; Lightning would otherwise always take the datamodule's loader.
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and is_overridden("train_dataloader", module):
+            return module.train_dataloader()
+        return super().train_dataloader()

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
@@ -53,8 +53,7 @@ def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: d
     """Train one fresh network on ``ds`` under ``protocol`` (seeded) and return its test accuracy in [0, 1]."""
     L.seed_everything(seed, workers=True, verbose=False)
     module = protocol.make_module(ds.spec, net, net_kwargs, ds)
-    targets = protocol.targets(ds)
-    loader = DataLoader(TensorDataset(ds.images, targets), batch_size=min(protocol.batch_size, len(ds)), shuffle=True)
+    loader = protocol.train_loader(ds)  # None: the module samples ds itself (kd)
     logger = TensorBoardLogger(log_dir, name=run_name, version=f"seed{seed}") if log_dir else False
     trainer = L.Trainer(
         max_epochs=protocol.epochs,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import lightning as L
+from torch.utils.data import DataLoader, TensorDataset
 
 from ddkit.datamodules.spec import DataSpec
 from ddkit.errors import DDKitError
@@ -39,6 +40,12 @@ class Protocol:
 
     def make_module(self, spec: DataSpec, net: str, net_kwargs: dict, ds: DistilledSet) -> L.LightningModule:
         raise NotImplementedError
+
+    def train_loader(self, ds: DistilledSet) -> DataLoader | None:
+        """The training loader for ``ds``: shuffled batches of (images, targets). ``None`` means the module made by
+        :meth:`make_module` samples the set itself (its ``train_dataloader`` hook), as the ``kd`` protocol does."""
+        return DataLoader(TensorDataset(ds.images, self.targets(ds)), batch_size=min(self.batch_size, len(ds)),
+                          shuffle=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,80 @@ class SoftProtocol(HardProtocol):
         return ds.step_size if (self.use_learned_lr and ds.step_size is not None) else self.lr
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {"hard": HardProtocol, "soft": SoftProtocol}
+@dataclass(frozen=True)
+class KDProtocol(Protocol):
+    """SRe2L / SC-DD evaluation: KL(batchmean) to a teacher's soft labels at temperature T (no T^2, no CE by
+    default), AdamW (wd on weights only) with a per-epoch cosine, RandomResizedCrop or RandomCrop + flip per image,
+    CutMix or Mixup on every batch; teacher online (SC-DD) or stored labels written by a relabel pass (SRe2L FKD).
+
+    Fields: ``teacher`` (teacher checkpoint path; required), ``temperature``, ``mix`` (cutmix | mixup | none),
+    ``augment`` (``auto``: rrc_flip for images of 64 px and more, else crop_flip), ``labels`` (online | stored),
+    ``soft_labels`` (root directory of the stores for ``stored``, one per set and seed, kept; default: temporary
+    stores, deleted after each run), ``teacher_mode``, ``t2_scale``, ``ce_weight``.
+    """
+
+    name: ClassVar[str] = "kd"
+    teacher: str | None = None
+    temperature: float = 20.0
+    mix: str = "cutmix"
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    augment: str = "auto"
+    labels: str = "online"
+    soft_labels: str | None = None
+    teacher_mode: str = "eval"
+    t2_scale: bool = False
+    ce_weight: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        from ddkit.modules.kd import check_kd_options
+
+        if self.teacher is None:
+            raise DDKitError("kd.teacher: required (path of a teacher checkpoint), got None")
+        check_kd_options(temperature=self.temperature, mix=self.mix, labels=self.labels,
+                         augment="rrc_flip" if self.augment == "auto" else self.augment,
+                         teacher_mode=self.teacher_mode, ce_weight=self.ce_weight, lr=self.lr,
+                         weight_decay=self.weight_decay, prefix="kd.")
+
+    def targets(self, ds: DistilledSet):
+        return ds.labels
+
+    def resolved_augment(self, spec: DataSpec) -> str:
+        if self.augment != "auto":
+            return self.augment
+        return "rrc_flip" if spec.image_size >= 64 else "crop_flip"
+
+    def make_module(self, spec, net, net_kwargs, ds):
+        import torch
+
+        from ddkit.formats.soft_labels import images_fingerprint
+        from ddkit.modules.kd import KDStudent, temporary_store
+
+        store, keep = None, True
+        if self.labels == "stored":
+            if self.soft_labels is None:
+                store, keep = temporary_store(), False
+            else:  # one store per training set and seed (the evaluator seeds each run just before)
+                from pathlib import Path
+
+                seed = torch.initial_seed()
+                store = str(Path(self.soft_labels) / f"{images_fingerprint(ds.images)[:16]}-seed{seed}")
+        module = KDStudent(spec, net, net_kwargs, teacher=self.teacher, teacher_mode=self.teacher_mode,
+                           temperature=self.temperature, t2_scale=self.t2_scale, ce_weight=self.ce_weight,
+                           mix=self.mix, augment=self.resolved_augment(spec), lr=self.lr,
+                           weight_decay=self.weight_decay, labels=self.labels, soft_labels=store,
+                           keep_soft_labels=keep)
+        module.attach_train_set(ds.images, ds.labels, batch_size=min(self.batch_size, len(ds)))
+        return module
+
+    def train_loader(self, ds: DistilledSet) -> DataLoader | None:
+        return None  # KDStudent draws views and mixes per batch (and reads stored labels) in its own loader
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {"hard": HardProtocol, "soft": SoftProtocol, "kd": KDProtocol}
 
 
 def get_protocol(name: str, **overrides: Any) -> Protocol:

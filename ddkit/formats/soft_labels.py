@@ -53,7 +53,7 @@ def images_fingerprint(images: torch.Tensor) -> str:
     """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to)."""
     t = images.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy() if t.numel() else bytes()))
+    h.update(memoryview(t.view(torch.uint8).numpy() if t.numel() else b""))
     return h.hexdigest()
 
 
@@ -241,10 +241,10 @@ class SoftLabelReader:
                 raise DDKitError(f"soft_labels: shard file not found, got {str(file)!r}")
             try:
                 self._handle = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises several types for corrupt files
+            except Exception as e:  # noqa: BLE001  (safetensors raises several types for corrupt files)
                 raise DDKitError(f"soft_labels: not a valid safetensors file ({str(e).splitlines()[0]}), "
                                  f"got {str(file)!r}") from None
-            missing = [k for k in SHARD_KEYS if k not in self._handle.keys()]
+            missing = [k for k in SHARD_KEYS if k not in self._handle.keys()]  # noqa: SIM118 (not a dict)
             if missing:
                 raise DDKitError(f"soft_labels: shard lacks tensors {missing}, got {str(file)!r}")
             self._epoch = epoch
