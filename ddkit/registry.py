@@ -12,6 +12,7 @@ STAGE_MODULES = (
     "ddkit.modules.matching",
     "ddkit.datamodules.recover",
     "ddkit.modules.recover",
+    "ddkit.modules.kd",
 )
 
 
