@@ -2,7 +2,7 @@
 
 The module provides ``distilled_set() -> DistilledSet`` (the current set), ``iteration`` (matching iterations done),
 ``hparams.output`` (its run directory) and optionally ``evaluation_net() -> (net, net_kwargs)``; the datamodule
-provides a validation split carved from the training set (``val_set``). Everything here runs on rank 0 only.
+provides a validation split carved from the training set (``val_set``). Files and logs are written by rank 0.
 """
 
 from __future__ import annotations
@@ -205,18 +205,25 @@ class PeriodicEvaluation(pl.Callback):
                                            "periodic"))
         return sum(accs) / len(accs)
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        """Score the module's current set (rank 0); returns the accuracy (None on other ranks)."""
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Score the module's current set; returns the validation accuracy.
+
+        Under DDP every rank runs the same (identically seeded) evaluation in lockstep: the evaluation runs' metrics
+        synchronise over the default process group, so one rank evaluating alone would block. The set is
+        replicated, so the ranks agree on the result; rank 0 writes the best set and logs.
+        """
         it = int(pl_module.iteration)
         self.last_evaluated = it
-        if not trainer.is_global_zero:
-            return None
         ds = pl_module.distilled_set()
         net, net_kwargs = self._net(pl_module)
         acc = self.score(ds, trainer.datamodule, net, net_kwargs, pl_module.device)
         self.history.append((it, acc))
-        if acc > self.best_acc:
+        improved = acc > self.best_acc
+        if improved:
             self.best_acc, self.best_iteration = acc, it
+        if not trainer.is_global_zero:
+            return acc
+        if improved:
             ds.extra = {**ds.extra, "val_acc": acc, "val_epochs": self.epochs}
             save_distilled(ds, self.best_path(pl_module))
         for logger in trainer.loggers:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ddkit.datamodules.real import RealDataModule
+from ddkit.datamodules.real import RealDataModule, stratified_subset
 from ddkit.errors import DDKitError
 from ddkit.formats.buffer import ExpertBuffer
 
@@ -47,6 +47,20 @@ class StepTokens:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class LazyImages:
+    """Images of a map-style ``(image, label)`` dataset, loaded when indexed: ``images[idx] -> [len(idx), C, H, W]``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx).reshape(-1)
+        return torch.stack([self.dataset[int(i)][0] for i in idx])
 
 
 class ExpertSegments(RealDataModule):
@@ -97,11 +111,42 @@ class ExpertSegments(RealDataModule):
             warnings.warn(f"buffer {buffer!r} stores no ZCA transform; refitting it on the training set",
                           stacklevel=2)
 
-    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training split (validation split excluded) as ``[N, C, H, W]`` images and ``[N]`` labels."""
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.train_set is None
+        super().setup(stage)
+        if fresh and not self.info.in_memory:
+            self._split_folder()
+
+    def _split_folder(self) -> None:
+        """Folder datasets: carve the validation split out of ``train/`` (RealDataModule keeps none), and keep the
+        training part with the evaluation transform (resize + centre crop) for initialising the synthetic set."""
+        from torchvision.datasets import ImageFolder
+
+        train = self.train_set
+        targets = torch.as_tensor(train.targets, dtype=torch.long)
+        plain = ImageFolder(train.root, transform=self.test_set.transform)
+        keep = torch.ones(len(targets), dtype=torch.bool)
+        n_val = self._num_val(len(targets))
+        if n_val:
+            val_idx = stratified_subset(targets, n_val, self.split_seed + 1)
+            keep[val_idx] = False
+            self.val_set = Subset(plain, val_idx.tolist())
+            self.train_set = Subset(train, torch.nonzero(keep).flatten().tolist())
+        train_idx = torch.nonzero(keep).flatten()
+        self._init_images = LazyImages(Subset(plain, train_idx.tolist()))
+        self._init_labels = targets[train_idx]
+
+    def train_tensors(self) -> tuple[torch.Tensor | LazyImages, torch.Tensor]:
+        """The training split (validation split excluded): ``[N, C, H, W]`` images and ``[N]`` labels.
+
+        Folder datasets give a :class:`LazyImages` (indexed by a LongTensor, read on demand, evaluation transform)
+        instead of a tensor, so the scan for correctly classified images never holds the whole set.
+        """
         if self.train_set is None:
             self.setup("fit")
         ds = self.train_set
+        if not self.info.in_memory:
+            return self._init_images, self._init_labels
         if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
             idx = torch.as_tensor(ds.indices, dtype=torch.long)
             x, y = ds.dataset.tensors

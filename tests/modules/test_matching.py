@@ -487,6 +487,9 @@ def test_ddp_step_equals_one_process_over_both_segments(buffer_dir, tmp_path):
         "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
         "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
         "--trainer.enable_model_summary", "false",
+        # evaluation inside a DDP fit runs on every rank in lockstep (a rank-0-only run would block)
+        "--trainer.callbacks+=ddkit.callbacks.synthetic.PeriodicEvaluation", "--trainer.callbacks.eval_every", "1",
+        "--trainer.callbacks.epochs", "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "ddkit.cli", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -507,3 +510,43 @@ def test_ddp_step_equals_one_process_over_both_segments(buffer_dir, tmp_path):
     torch.testing.assert_close(ddp.label_logits, start["label_logits"] - SMALL["lr_y"] * mean[2], atol=1e-6, rtol=0)
     assert not torch.allclose(results[0].grad_images, results[1].grad_images)  # two different segments
     assert ddp.extra["iteration"] == 1
+    assert load_distilled(tmp_path / "out" / "best").extra["val_acc"] >= 0
+
+
+def test_folder_dataset_gets_a_validation_split_and_deterministic_init_images(tmp_path):
+    """Tiny-ImageNet layout (folders): the val split is carved from train/, init images use the eval transform."""
+    from PIL import Image
+
+    from ddkit.datamodules.real import dataset_info
+
+    root = tmp_path / "tiny"
+    g = torch.Generator().manual_seed(0)
+    for c in range(200):
+        for split, count in (("train", 4), ("val_by_class", 1)):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    info = dataset_info("tiny_imagenet")
+    spec = RealDataModule("tiny_imagenet").spec
+    kwargs = {"depth": 4, "width": 4, "norm": "instance"}
+    net = build_net("convnet", 200, 3, 64, **kwargs)
+    write_buffer_meta(tmp_path / "buf", BufferMeta.for_net("convnet", kwargs, spec, net, 2))
+    theta = flatten_params(net)
+    save_expert(tmp_path / "buf", 0, torch.stack([theta, theta * 0.9, theta * 0.8]))
+    data = ExpertSegments(str(tmp_path / "buf"), root=str(root), val_split=200)
+    data.setup("fit")
+    assert len(data.val_set) == 200 and len(data.train_set) == 600 and info.num_classes == 200
+    x, y = data.train_tensors()
+    assert len(x) == 600 and torch.bincount(y).tolist() == [3] * 200
+    m = TrajectoryMatching(data.spec, ipc=1, syn_steps=2, batch_syn=20, expert_epochs=1, max_start_epoch=1,
+                           mode="mtt", pix_init="real", output=str(tmp_path / "out"), seed=0)
+    m.attach(data)
+    first = x[torch.tensor([0])]
+    assert first.shape == (1, 3, 64, 64) and torch.equal(first, x[torch.tensor([0])])  # no random crop
+    from ddkit.datamodules.real import random_real_subset
+
+    assert torch.equal(m.images.detach(), x[random_real_subset(y, 1, 0)])
+    result = m.segment_gradients(m.sample_segment(segment_generator(0, 0), 0))
+    assert bool(torch.isfinite(result.loss))
