@@ -32,6 +32,7 @@ import logging
 import math
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,11 @@ class Recover(L.LightningModule):
 
         self.automatic_optimization = False
         self.plan = RecoverPlan(spec.num_classes, ipc, batch_size, iterations)
+        self._step_options = _StepOptions(
+            lr=lr, r_bn=r_bn, crop=crop, crop_scale=self.hparams.crop_scale, flip=flip,
+            shared=not per_image_augmentation, jitter=jitter, jitter_symmetric=jitter_symmetric,
+            crop_curriculum=crop_curriculum, curriculum_milestone=curriculum_milestone,
+            log_images_every_n_steps=log_images_every_n_steps)
         self.images = nn.Parameter(torch.zeros(self.plan.chunk, spec.in_chans, spec.image_size, spec.image_size))
 
         # Run state (checkpointed per rank; see on_save_checkpoint).
@@ -166,6 +172,7 @@ class Recover(L.LightningModule):
         self._targets: torch.Tensor | None = None
         self._written: list[int] = []
         self._resume: dict[str, Any] | None = None
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     # -- the plan, as the datamodule sees it -------------------------------------------------------------------
 
@@ -206,6 +213,8 @@ class Recover(L.LightningModule):
 
     def on_train_start(self) -> None:
         strategy = self.trainer.strategy
+        model = strategy.model
+        self._ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         if self._resume is not None:
             self._restore_rank_state(self._resume)
             self._resume = None
@@ -232,13 +241,14 @@ class Recover(L.LightningModule):
                                f"but the restored state is at job {self._job}")
         n = batch.class_count
         x = self.images if n == self.images.shape[0] else self.images[:n]
-        lr = cosine_lr(self._lr, batch.t, self.plan.iterations)
+        o = self._step_options
+        lr = cosine_lr(o.lr, batch.t, self.plan.iterations)
         for group in opt.param_groups:
             group["lr"] = lr
         logits = self.teacher(self._augment(x, batch.t))
         ce = F.cross_entropy(logits.float(), self._targets)
         bn = self.bn_matching.loss()
-        loss = ce + self._r_bn * bn
+        loss = ce + o.r_bn * bn
         opt.zero_grad()
         with self._no_grad_sync():
             self.manual_backward(loss)
@@ -293,14 +303,6 @@ class Recover(L.LightningModule):
 
     # -- one step ----------------------------------------------------------------------------------------------
 
-    @property
-    def _lr(self) -> float:
-        return self.hparams.lr
-
-    @property
-    def _r_bn(self) -> float:
-        return self.hparams.r_bn
-
     def _start_job(self, batch: JobStep, optimizer: torch.optim.Optimizer) -> None:
         """Fresh N(0, 1) noise from the job's own generator, fresh Adam state."""
         n = batch.class_count
@@ -316,19 +318,18 @@ class Recover(L.LightningModule):
 
     def _augment(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The step's view: crop (shared box, or per image) -> flip -> circular shift, all from the job's generator."""
-        hp = self.hparams
+        o = self._step_options
         g = self._generator
-        shared = not hp.per_image_augmentation
-        if hp.crop:
-            low, high = hp.crop_scale
-            if hp.crop_curriculum is not None:
-                low = crop_scale_curriculum(t, self.plan.iterations, hp.curriculum_milestone, hp.crop_curriculum,
+        if o.crop:
+            low, high = o.crop_scale
+            if o.crop_curriculum is not None:
+                low = crop_scale_curriculum(t, self.plan.iterations, o.curriculum_milestone, o.crop_curriculum,
                                             start=1.0, end=low)
-            x = random_resized_crop(x, g, self.spec.image_size, scale=(low, high), shared=shared)
-        if hp.flip:
-            x = random_flip(x, g, shared=shared)
-        if hp.jitter > 0:
-            x = random_shift(x, g, hp.jitter, hp.jitter_symmetric)
+            x = random_resized_crop(x, g, self.spec.image_size, scale=(low, high), shared=o.shared)
+        if o.flip:
+            x = random_flip(x, g, shared=o.shared)
+        if o.jitter > 0:
+            x = random_shift(x, g, o.jitter, o.jitter_symmetric)
         return x
 
     def _idle_step(self, opt) -> None:
@@ -345,7 +346,7 @@ class Recover(L.LightningModule):
         every = self.trainer.log_every_n_steps
         if every > 0 and self._steps_done % every == 0:
             self._log_terms(terms, batch)
-        every = self.hparams.log_images_every_n_steps
+        every = self._step_options.log_images_every_n_steps
         if every > 0 and (self._steps_done % every == 0) and self.trainer.is_global_zero:
             self._log_images(batch)
         if batch.t == self.plan.iterations - 1:
@@ -358,10 +359,7 @@ class Recover(L.LightningModule):
 
     def _no_grad_sync(self) -> contextlib.AbstractContextManager:
         """Each rank's images are its own: no gradient all-reduce under DDP."""
-        model = self.trainer.strategy.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return model.no_sync()
-        return contextlib.nullcontext()
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     # -- jobs, shards, result ----------------------------------------------------------------------------------
 
@@ -470,6 +468,23 @@ class Recover(L.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class _StepOptions:
+    """The options the per-step code reads (plain attributes: no hparams lookups on the hot path)."""
+
+    lr: float
+    r_bn: float
+    crop: bool
+    crop_scale: tuple[float, float]
+    flip: bool
+    shared: bool
+    jitter: int
+    jitter_symmetric: bool
+    crop_curriculum: str | None
+    curriculum_milestone: float
+    log_images_every_n_steps: int
 
 
 def job_seed(seed: int, ipc_index: int, class_start: int) -> int:

@@ -1,0 +1,217 @@
+"""Recover step time: ddkit's Recover through the Lightning Trainer against a plain PyTorch loop doing the same work.
+
+Both sides run one recovery job in the same process with the same teacher, batch, augmentation (crop / flip / shift
+from ddkit.ops.recover_aug with the same generator), BN hooks and loss (ddkit.ops.bn_loss), Adam(0.5, 0.9), per-step
+cosine lr and clamp. The plain loop is the reference's inner loop without Lightning: no logging, no progress bar, no
+checkpoints. The ddkit side runs as a user gets it from a config: TensorBoard logger (losses every
+``log_every_n_steps``), TQDM progress bar, image grids every 200 steps. Timings are interleaved (ddkit, plain,
+ddkit, plain, ...) because the machine is shared; the per-step time of a run is measured after ``warmup`` steps, and
+the reported ratio is the median over repeats of (ddkit / plain) of adjacent runs.
+
+    python benchmarks/recover_speed.py                      # both settings, writes benchmarks/results/recover_speed.json
+    python benchmarks/recover_speed.py --settings fmnist --repeats 3 --steps 100   # quick look
+
+Settings:
+    fmnist: configs/fashion_mnist/sre2l/recover_ipc10.yaml's work: BN ConvNet-D3 width 32, 10 images of 1x28x28
+            (one per class), shift by up to 2 px, no crop / flip.
+    cifar:  a CIFAR-100-shaped job: BN ConvNet-D3 width 128, 100 images of 3x32x32, crop (shared box) + flip + shift
+            by up to 4 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ddkit.datamodules.recover import RecoverJobs  # noqa: E402
+from ddkit.formats.common import write_json  # noqa: E402
+from ddkit.formats.teacher import TeacherMeta, load_teacher, save_teacher  # noqa: E402
+from ddkit.nets import build_net  # noqa: E402
+from ddkit.ops.bn_loss import bn_layer_loss, total_bn_loss  # noqa: E402
+from ddkit.ops.recover_aug import (  # noqa: E402
+    clamp_to_pixel_range_,
+    cosine_lr,
+    random_flip,
+    random_resized_crop,
+    random_shift,
+)
+
+SETTINGS = {
+    "fmnist": {"dataset": "fashion_mnist", "net_kwargs": {"depth": 3, "width": 32}, "jitter": 2, "crop": False,
+               "flip": False, "lr": 0.1, "r_bn": 0.01},
+    "cifar": {"dataset": "cifar100", "net_kwargs": {"depth": 3, "width": 128}, "jitter": 4, "crop": True,
+              "flip": True, "lr": 0.25, "r_bn": 0.01},
+}
+
+
+def make_teacher(setting: dict, folder: Path) -> str:
+    """A BN ConvNet with random weights and non-trivial running statistics (speed does not depend on the values)."""
+    spec = RecoverJobs(setting["dataset"]).spec
+    torch.manual_seed(0)
+    net = build_net("convnet_bn", spec.num_classes, spec.in_chans, spec.image_size, **setting["net_kwargs"])
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = folder / f"teacher_{setting['dataset']}.safetensors"
+    save_teacher(path, net.eval(), TeacherMeta("convnet_bn", setting["net_kwargs"], spec))
+    return str(path)
+
+
+class _StepTimer:
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        import lightning as L
+
+        class Timer(L.Callback):
+            def __init__(self) -> None:
+                self.start = self.end = 0.0
+                self.steps = 0
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if batch.step == warmup:
+                    self.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                self.end = time.perf_counter()
+                self.steps = batch.step + 1 - warmup
+
+        self.callback = Timer()
+
+    @property
+    def per_step(self) -> float:
+        return (self.callback.end - self.callback.start) / self.callback.steps
+
+
+def time_ddkit(setting: dict, teacher: str, steps: int, warmup: int, folder: Path) -> float:
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ddkit.modules.recover import Recover
+
+    data = RecoverJobs(setting["dataset"])
+    module = Recover(data.spec, teacher=teacher, ipc=1, batch_size=data.spec.num_classes, iterations=warmup + steps,
+                     lr=setting["lr"], r_bn=setting["r_bn"], jitter=setting["jitter"], crop=setting["crop"],
+                     flip=setting["flip"], seed=0, output=str(folder / "out"), export=None,
+                     log_images_every_n_steps=200)
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, log_every_n_steps=10,
+                        logger=TensorBoardLogger(str(folder / "runs"), name="bench"), enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[timer.callback])
+    trainer.fit(module, datamodule=data)
+    return timer.per_step
+
+
+def time_plain(setting: dict, teacher: str, steps: int, warmup: int) -> float:
+    """The reference's inner loop in plain PyTorch (hooks as SRe2L's BNFeatureHook, ops from ddkit.ops)."""
+    net, meta = load_teacher(teacher)
+    net = net.eval().requires_grad_(False)
+    spec = meta.data_spec
+    terms: list[torch.Tensor] = []
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    hooks = [bn.register_forward_hook(
+        lambda m, inp, out, i=i: terms.__setitem__(i, bn_layer_loss(inp[0], m.running_mean, m.running_var)))
+        for i, bn in enumerate(bns)]
+    terms.extend([torch.zeros(())] * len(bns))
+    n, total = spec.num_classes, warmup + steps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((n, spec.in_chans, spec.image_size, spec.image_size), generator=g).requires_grad_()
+    y = torch.arange(n)
+    opt = torch.optim.Adam([x], lr=setting["lr"], betas=(0.5, 0.9), eps=1e-8)
+    start = 0.0
+    for t in range(total):
+        if t == warmup:
+            start = time.perf_counter()
+        opt.param_groups[0]["lr"] = cosine_lr(setting["lr"], t, total)
+        v = x
+        if setting["crop"]:
+            v = random_resized_crop(v, g, spec.image_size)
+        if setting["flip"]:
+            v = random_flip(v, g)
+        v = random_shift(v, g, setting["jitter"])
+        logits = net(v)
+        loss = F.cross_entropy(logits.float(), y) + setting["r_bn"] * total_bn_loss(terms, 10.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        clamp_to_pixel_range_(x, spec.mean, spec.std)
+    per_step = (time.perf_counter() - start) / steps
+    for h in hooks:
+        h.remove()
+    return per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["fmnist", "cifar"], choices=sorted(SETTINGS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: fmnist 400, cifar 40)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recover_speed.json"))
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in args.settings:
+            setting = SETTINGS[name]
+            steps = args.steps or (400 if name == "fmnist" else 40)
+            teacher = make_teacher(setting, folder)
+            time_plain(setting, teacher, 5, 2)  # first-call costs out of the way
+            ddkit_times, plain_times, ratios = [], [], []
+            for r in range(args.repeats):
+                d = time_ddkit(setting, teacher, steps, args.warmup, folder / f"{name}{r}")
+                p = time_plain(setting, teacher, steps, args.warmup)
+                ddkit_times.append(d)
+                plain_times.append(p)
+                ratios.append(d / p)
+                print(f"{name} repeat {r}: ddkit {d * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, "
+                      f"ratio {d / p:.3f}", flush=True)
+            results[name] = {
+                "setting": setting,
+                "steps_per_run": steps,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "ddkit_ms_per_step": [round(t * 1e3, 3) for t in ddkit_times],
+                "plain_ms_per_step": [round(t * 1e3, 3) for t in plain_times],
+                "ratios": [round(r, 4) for r in ratios],
+                "median_ratio": round(statistics.median(ratios), 4),
+                "median_ddkit_ms": round(statistics.median(ddkit_times) * 1e3, 3),
+                "median_plain_ms": round(statistics.median(plain_times) * 1e3, 3),
+            }
+            print(f"{name}: median ratio {results[name]['median_ratio']}", flush=True)
+    report = {
+        "benchmark": "recover step time, ddkit Recover through the Trainer / plain PyTorch loop (same work)",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "target": "ddkit <= 1.10x the plain loop",
+        "threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "note": "CPU shared with other jobs while measuring; runs interleaved, median of per-pair ratios.",
+        "results": results,
+    }
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
