@@ -13,6 +13,9 @@ STAGE_MODULES = (
     "ddkit.datamodules.recover",
     "ddkit.modules.recover",
     "ddkit.modules.kd",
+    "ddkit.datamodules.ssl",
+    "ddkit.modules.ssl",
+    "ddkit.modules.probe",
 )
 
 
