@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from ddkit.datamodules.real import RealDataModule
+from ddkit.errors import DDKitError
+from ddkit.evaluation import get_protocol
+from ddkit.evaluation.evaluator import run_evaluation
+from ddkit.formats.distilled import DistilledSet, save_distilled
+
+
+def test_protocols_are_named_frozen_records():
+    hard = get_protocol("hard")
+    assert hard.describe() == {"name": "hard", "epochs": 300, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
+                               "weight_decay": 5e-4, "augment": "dsa"}
+    soft = get_protocol("soft", epochs=5)
+    assert soft.epochs == 5 and soft.batch_size == 128
+    with pytest.raises(DDKitError, match="protocol: unknown name"):
+        get_protocol("magic")
+    with pytest.raises(DDKitError, match="hard.epochs: must be > 0, got 0"):
+        get_protocol("hard", epochs=0)
+
+
+def test_soft_protocol_uses_the_learned_step_size_and_soft_targets():
+    spec = RealDataModule("digits").spec
+    ds = DistilledSet(torch.zeros(10, 1, 8, 8), torch.arange(10), spec, 1, "t",
+                      label_logits=torch.eye(10) * 2, step_size=0.003)
+    soft = get_protocol("soft")
+    assert soft.learning_rate(ds) == 0.003
+    assert torch.allclose(soft.targets(ds).sum(1), torch.ones(10))
+    assert soft.make_module(spec, "convnet", {"width": 8}, ds).hparams.lr == 0.003
+
+
+def test_random_baseline_and_a_distilled_set_under_two_protocols(tmp_path):
+    data = RealDataModule("digits")
+    data.setup("fit")
+    x, y = data.train_set.tensors
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(10)])
+    save_distilled(DistilledSet(x[idx], y[idx], data.spec, 5, "handpicked"), tmp_path / "set")
+    report = run_evaluation(data=RealDataModule("digits"), distilled=[str(tmp_path / "set")], baselines=["random"],
+                            protocols=["hard", "soft"], seeds=2, epochs=150, net_kwargs={"width": 16},
+                            output=str(tmp_path / "out"), accelerator="cpu", progress=False)
+    names = [(r["name"], r["protocol"]["name"]) for r in report["results"]]
+    assert names == [("set", "hard"), ("random", "hard"), ("set", "soft"), ("random", "soft")]
+    for r in report["results"]:
+        assert len(r["accuracies"]) == 2 and r["mean"] > 0.5  # 50 images, 150 steps: well above chance (0.1)
+        assert r["ipc"] == 5
+    on_disk = json.loads((tmp_path / "out/report.json").read_text())
+    assert on_disk["results"][0]["accuracies"] == report["results"][0]["accuracies"]
+    md = (tmp_path / "out/report.md").read_text()
+    assert "| set | 5 |" in md and "| random | 5 |" in md and "name=hard" in md
+    assert any((tmp_path / "out/tb").rglob("events.out.tfevents.*"))
+
+
+def test_bad_requests(tmp_path):
+    data = RealDataModule("digits")
+    with pytest.raises(DDKitError, match="ipc: the random baseline needs ipc"):
+        run_evaluation(data=data, baselines=["random"], output=str(tmp_path))
+    with pytest.raises(DDKitError, match="seeds: must be > 0, got 0"):
+        run_evaluation(data=data, baselines=["random"], ipc=1, seeds=0, output=str(tmp_path))
+    with pytest.raises(DDKitError, match="baselines: must be random or full, got 'herding'"):
+        run_evaluation(data=data, baselines=["herding"], ipc=1, output=str(tmp_path))
