@@ -573,6 +573,14 @@ class KDStudent(L.LightningModule):
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=t["num_workers"],
                           persistent_workers=t["num_workers"] > 0)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kd_seed"] = self._seed  # the batch plan: (seed, epoch, batch) fixes order, views and mixes
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs after setup() and before the loaders are built: a resumed run continues the same plan.
+        if "kd_seed" in checkpoint:
+            self._seed = int(checkpoint["kd_seed"])
+
     def on_fit_end(self) -> None:
         if self.hparams.labels == "stored" and not self.hparams.keep_soft_labels:
             self.trainer.strategy.barrier("kd_cleanup")

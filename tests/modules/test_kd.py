@@ -345,7 +345,8 @@ def test_kd_protocol_temporary_store_is_removed(digits, teacher) -> None:
     assert module.soft_label_meta["complete"] and not Path(module.hparams.soft_labels).exists()
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("digits/*/relabel_ipc10.yaml")), ids=str)
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("digits/*/relabel_ipc10.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_digits_configs_run_through_the_cli(config, distilled, teacher, tmp_path, monkeypatch) -> None:
     from ddkit.cli import main
 
@@ -405,3 +406,59 @@ def test_relabel_configs_parse(config, capsys) -> None:
     printed = capsys.readouterr().out
     assert "class_path: ddkit.modules.kd.KDStudent" in printed
     assert "class_path: ddkit.datamodules.distilled.DistilledDataModule" in printed
+
+
+@pytest.mark.distributed
+def test_ddp_relabel_pass_equals_one_process(distilled, teacher, tmp_path, monkeypatch) -> None:
+    """2 processes write epochs 0, 2 and 1 of the store; it equals the 1-process store; training replays it."""
+    import os
+    import subprocess
+    import sys
+
+    from ddkit.cli import main
+    from ddkit.formats.common import load_tensors
+
+    config = str(REPO / "configs/digits/sre2l/relabel_ipc10.yaml")
+    common = ["--data.init_args.distilled", distilled, "--model.init_args.teacher", teacher, "--trainer.max_epochs",
+              "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger", "false"]
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", config, *common, "--model.init_args.soft_labels", str(tmp_path / "one"),
+          "--trainer.devices", "1"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "ddkit.cli", "fit", "-c", config, *common,
+                           "--model.init_args.soft_labels", str(tmp_path / "two"), "--trainer.devices", "2",
+                           "--trainer.strategy", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_soft_label_meta(tmp_path / "one"), read_soft_label_meta(tmp_path / "two")
+    assert one["complete"] and two["complete"] and one["epochs"] == two["epochs"] == 3
+    assert one["bytes"]["labels"] == two["bytes"]["labels"]
+    for e in range(3):
+        a = load_tensors(tmp_path / "one" / f"epoch_{e:04d}.safetensors", "one")
+        b = load_tensors(tmp_path / "two" / f"epoch_{e:04d}.safetensors", "two")
+        for k in ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box"):
+            assert torch.equal(a[k], b[k]), k
+        torch.testing.assert_close(a["logits"].float(), b["logits"].float(), atol=2e-3, rtol=1e-3)
+
+
+def test_resume_continues_the_same_run(distilled, teacher, tmp_path) -> None:
+    """2 epochs + resume to 4 (from a checkpoint, under another global seed) == 4 epochs in one go."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs: int, seed: int, ckpt: str | None = None) -> KDStudent:
+        L.seed_everything(seed, verbose=False)
+        data = DistilledDataModule(distilled, dataset="digits", batch_size=32)
+        module = KDStudent(data.spec, teacher=teacher, temperature=4.0, mix="cutmix", augment="crop_flip",
+                           crop_padding=1, seed=None if ckpt else 0, **STUDENT)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+                            callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)])
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return module
+
+    straight = run(4, 0)
+    run(2, 0)
+    resumed = run(4, 123, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
