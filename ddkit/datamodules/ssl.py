@@ -8,7 +8,8 @@ or the test split when ``val_split`` is 0).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset

@@ -55,7 +55,7 @@ def load_ssl_backbone(path: str | os.PathLike, encoder: str = "auto") -> tuple[d
         raise DDKitError(f"encoder: must be one of {', '.join(ENCODERS)}, got {encoder!r}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors come in many types
+    except Exception as e:  # noqa: BLE001  (pickle / zip errors come in many types)
         raise DDKitError(f"ssl_checkpoint: cannot be read with weights_only=True ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}), got {str(path)!r}") from None
     if not isinstance(ckpt, dict) or "ddkit_ssl" not in ckpt or "state_dict" not in ckpt:

@@ -243,7 +243,7 @@ class SSLPretrain(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
+        warmup = min(total, round(hp.warmup_epochs * total / epochs))
 
         def factor(step: int) -> float:
             from lightly.utils.scheduler import cosine_warmup_schedule

@@ -18,8 +18,8 @@ NET = {"net": "convnet_bn", "net_kwargs": {"width": 16, "depth": 2}, "proj_hidde
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    opts = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "num_sanity_val_steps": 0}
     return L.Trainer(**{**opts, **kwargs})
 
 

@@ -15,7 +15,7 @@ from ddkit.datamodules.spec import DataSpec
 from ddkit.datamodules.ssl import SSLDataModule, build_views
 from ddkit.errors import DDKitError
 from ddkit.modules import ssl
-from ddkit.modules.ssl import (DINO, MoCoV2, SwAV, backbone_features, contrastive_loss, head_keys, strip_head)
+from ddkit.modules.ssl import DINO, MoCoV2, SwAV, backbone_features, contrastive_loss, head_keys, strip_head
 from ddkit.nets import build_net
 from tests.conftest import REPO, run_ddkit
 
@@ -23,16 +23,16 @@ DIGITS = DataSpec("digits", 10, 1, 8, DATASETS["digits"].mean, DATASETS["digits"
 SMALL = {"net": "convnet_bn", "net_kwargs": {"width": 16}, "proj_hidden_dim": 64, "knn_k": 0}
 METHOD_KWARGS = {
     # the queue must stay shorter than the 256-image subset, or it holds keys of the query's own image
-    "mocov2": dict(proj_output_dim=32, queue_size=64, base_momentum=0.99, lr=0.1),
-    "mocov3": dict(proj_output_dim=32, pred_hidden_dim=64, temperature=0.2),
-    "simclr": dict(proj_output_dim=32),
-    "byol": dict(proj_output_dim=32, pred_hidden_dim=64),
-    "swav": dict(proj_output_dim=32, n_prototypes=20, freeze_prototypes_steps=3, queue_length=128,
-                 start_queue_at_epoch=1),
+    "mocov2": {"proj_output_dim": 32, "queue_size": 64, "base_momentum": 0.99, "lr": 0.1},
+    "mocov3": {"proj_output_dim": 32, "pred_hidden_dim": 64, "temperature": 0.2},
+    "simclr": {"proj_output_dim": 32},
+    "byol": {"proj_output_dim": 32, "pred_hidden_dim": 64},
+    "swav": {"proj_output_dim": 32, "n_prototypes": 20, "freeze_prototypes_steps": 3, "queue_length": 128,
+                 "start_queue_at_epoch": 1},
     # DINO on 8x8 digits is unstable once the lr has decayed (the centering flattens the teacher): a constant
     # momentum 0.95 and BN in the head keep the 32-step fit in its learning phase.
-    "dino": dict(bottleneck_dim=32, output_dim=256, head_batch_norm=True, base_momentum=0.95, final_momentum=0.95,
-                 center_momentum=0.95, lr=0.1),
+    "dino": {"bottleneck_dim": 32, "output_dim": 256, "head_batch_norm": True, "base_momentum": 0.95, "final_momentum": 0.95,
+                 "center_momentum": 0.95, "lr": 0.1},
 }
 VIEWS = {"mocov2": ("mocov2", None), "mocov3": ("byol", None), "simclr": ("simclr", None), "byol": ("byol", None),
          "swav": ("swav", {"crop_counts": [2, 2]}), "dino": ("dino", {"n_local_views": 2})}
@@ -40,7 +40,7 @@ VIEWS = {"mocov2": ("mocov2", None), "mocov3": ("byol", None), "simclr": ("simcl
 
 def digits_views(method: str, **kwargs) -> SSLDataModule:
     views, vk = VIEWS[method]
-    opts = dict(dataset="digits", batch_size=64, train_subset=256, knn_bank_size=200, knn_query_size=100)
+    opts = {"dataset": "digits", "batch_size": 64, "train_subset": 256, "knn_bank_size": 200, "knn_query_size": 100}
     return SSLDataModule(views=views, view_kwargs=vk, **{**opts, **kwargs})
 
 
@@ -53,8 +53,8 @@ class LossLog(L.Callback):
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    opts = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "num_sanity_val_steps": 0}
     return L.Trainer(**{**opts, **kwargs})
 
 
@@ -200,7 +200,7 @@ def test_datamodule_views_and_plain_knn_loaders():
     views, y = dm.train_set[0]
     assert [tuple(v.shape) for v in views] == [(1, 8, 8)] * 2 + [(1, 6, 6)] * 2 and isinstance(y, torch.Tensor)
     bank, queries = dm.val_dataloader()
-    xb, yb = next(iter(bank))
+    xb, _yb = next(iter(bank))
     assert xb.shape[1:] == (1, 8, 8) and len(bank.dataset) == 100 and len(queries.dataset) == 50
     assert torch.bincount(dm._labels(bank.dataset), minlength=10).min() == 10  # stratified
     with pytest.raises(DDKitError, match="^views:"):
