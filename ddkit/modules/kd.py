@@ -287,10 +287,24 @@ class KDBatchSampler(DistributedSampler):
             yield epoch, int(b)
 
 
+class _WithConfig(Dataset):
+    """A :class:`KDViewDataset` whose items also carry their config (for the relabel pass)."""
+
+    def __init__(self, dataset: KDViewDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
+        cfg = self.dataset.config(*key)
+        return {**cfg, "x": self.dataset.render(cfg)}
+
+
 @torch.no_grad()
 def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path, epochs: Iterable[int],
-                   device: torch.device | str = "cpu", context=contextlib.nullcontext,
-                   on_epoch=None) -> list[int]:
+                   device: torch.device | str = "cpu", context=contextlib.nullcontext, on_epoch=None,
+                   num_workers: int = 0) -> list[int]:
     """The relabel pass [1]: for each epoch (skipping shards that exist), draw every batch's config, render its
     mixed views, run the teacher and write the shard (configs + fp16 logits) atomically.
 
@@ -302,33 +316,34 @@ def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path,
         device: where the teacher runs.
         context: a context-manager factory around the teacher forward (e.g. the Trainer's autocast).
         on_epoch: called with the epoch after each written shard.
+        num_workers: DataLoader workers rendering the views (the order of the batches is kept).
 
     Returns:
         The epochs written.
     """
     if dataset.reader is not None:
         raise DDKitError("soft_labels: the relabel pass draws its own configs, got a dataset reading a store")
-    written = []
-    for epoch in epochs:
-        if shard_exists(path, epoch):
-            continue
-        parts: dict[str, list[Tensor]] = {k: [] for k in ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box",
-                                                          "logits")}
-        for b in range(len(dataset)):
-            cfg = dataset.config(epoch, b)
-            with context():
-                logits = teacher(dataset.render(cfg).to(device))
-            parts["order"].append(cfg["index"])
-            parts["logits"].append(logits.detach().float().cpu().to(torch.float16))
-            for k in ("boxes", "flips", "mix_perm"):
-                parts[k].append(cfg[k])
-            parts["mix_lam"].append(cfg["mix_lam"].view(1))
-            parts["mix_box"].append(cfg["mix_box"].view(1, 4))
-        save_shard(path, epoch, {k: torch.cat(v) for k, v in parts.items()})
-        written.append(epoch)
-        if on_epoch is not None:
-            on_epoch(epoch)
-    return written
+    todo = [e for e in epochs if not shard_exists(path, e)]
+    nb = len(dataset)
+    keys = [(e, b) for e in todo for b in range(nb)]
+    loader = DataLoader(_WithConfig(dataset), sampler=keys, batch_size=None, num_workers=num_workers)
+    names = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logits")
+    parts: dict[str, list[Tensor]] = {k: [] for k in names}
+    for (epoch, b), item in zip(keys, loader):
+        with context():
+            logits = teacher(item["x"].to(device))
+        parts["order"].append(item["index"])
+        parts["logits"].append(logits.detach().float().cpu().to(torch.float16))
+        for k in ("boxes", "flips", "mix_perm"):
+            parts[k].append(item[k])
+        parts["mix_lam"].append(item["mix_lam"].view(1))
+        parts["mix_box"].append(item["mix_box"].view(1, 4))
+        if b == nb - 1:
+            save_shard(path, epoch, {k: torch.cat(v) for k, v in parts.items()})
+            parts = {k: [] for k in names}
+            if on_epoch is not None:
+                on_epoch(epoch)
+    return todo
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -527,7 +542,8 @@ class KDStudent(L.LightningModule):
                     self.print(f"relabel: epoch {e + 1}/{epochs} written to {path}")
 
             relabel_epochs(self.teacher, dataset, path, range(rank, epochs, world), device=self.device,
-                           context=self.trainer.precision_plugin.forward_context, on_epoch=progress)
+                           context=self.trainer.precision_plugin.forward_context, on_epoch=progress,
+                           num_workers=self._train["num_workers"])
             strategy.barrier("kd_relabel_written")
             if rank == 0:
                 finish_soft_labels(path, self._image_bytes())
