@@ -8,6 +8,7 @@ STAGE_MODULES = (
     "ddkit.datamodules.real",
     "ddkit.datamodules.distilled",
     "ddkit.modules.classifier",
+    "ddkit.modules.buffer",
     "ddkit.datamodules.experts",
     "ddkit.modules.matching",
     "ddkit.datamodules.recover",

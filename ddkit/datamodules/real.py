@@ -18,7 +18,7 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from ddkit.datamodules.spec import DataSpec
 from ddkit.errors import DDKitError
@@ -200,6 +200,9 @@ class RealDataModule(L.LightningDataModule):
             normalization; in-memory datasets only.
         zca_eps: ZCA regularization.
         image_size: resize in-memory images to this size (bilinear); folder datasets are cropped to it.
+        shuffle_seed: seed of the training order: epoch ``e`` visits the training set in the permutation drawn with
+            seed ``shuffle_seed + e`` (Lightning calls ``set_epoch``), so a fit resumed from ``--ckpt_path last``
+            sees the same order as an uninterrupted one. None: torch's global RNG (``shuffle=True``).
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class RealDataModule(L.LightningDataModule):
         zca: bool = False,
         zca_eps: float = 0.1,
         image_size: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.info = dataset_info(dataset)
@@ -241,6 +245,7 @@ class RealDataModule(L.LightningDataModule):
         self.use_zca = zca
         self.zca_eps = zca_eps
         self.image_size = image_size or self.info.image_size
+        self.shuffle_seed = shuffle_seed
         self.zca = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -350,13 +355,33 @@ class RealDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.shuffle_seed is None:
+            return self._loader(self.train_set, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochShuffle(len(self.train_set),
+                          self.shuffle_seed), num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set if self.val_set is not None else self.test_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` drawn with seed ``seed + epoch``; Lightning calls ``set_epoch`` every epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def stratified_subset(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
