@@ -44,15 +44,14 @@ def test_experts_run_in_sequence_from_their_own_seeds(tmp_path):
     assert recipe["augment"] == "dsa" and recipe["batch_size"] == 32 and recipe["gsam"] is None
 
 
-def test_gsam_experts_take_two_passes_per_step(tmp_path):
+def test_gsam_experts_on_zca_data_take_two_passes_per_step(tmp_path):
     calls = []
-    _, trainer = None, None
 
     class Counting(ExpertTraining):
         def on_fit_start(self) -> None:
             self.net.register_forward_hook(lambda *args: calls.append(self.training))
 
-    data = RealDataModule("digits", batch_size=32, train_subset=64, shuffle_seed=0)
+    data = RealDataModule("digits", batch_size=32, train_subset=64, shuffle_seed=0, zca=True)
     module = Counting(data_spec=data.spec, buffer=str(tmp_path / "buf"), net_kwargs={"depth": 2, "width": 8},
                       num_experts=1, epochs=1, gsam=True)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -62,6 +61,8 @@ def test_gsam_experts_take_two_passes_per_step(tmp_path):
     buf = ExpertBuffer(tmp_path / "buf")
     assert buf.meta.recipe["optimizer"] == "gsam+sgd"
     assert buf.meta.recipe["gsam"] == {"rho": 0.01, "alpha": 0.3, "adaptive": True}
+    assert buf.meta.data_spec.zca and buf.meta.zca  # the experts' whitening is stored with them
+    assert all(torch.equal(buf.zca[k], v) for k, v in data.zca.state_dict().items())
 
 
 def test_bad_options():
