@@ -299,8 +299,13 @@ class ExpertTraining(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["augment_generator"] = self.augment.generator.get_state()
         checkpoint["expert_base_seed"] = self.base_seed
+        checkpoint["expert_world_size"] = self._world
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("expert_world_size")
+        if self._trainer is not None and saved is not None and saved != self._world:
+            raise DDKitError(f"trainer.devices: resume with the {saved} processes the checkpoint was written with "
+                             f"(experts are sharded by rank), got {self._world}")
         if "augment_generator" in checkpoint:
             self.augment.generator.set_state(checkpoint["augment_generator"])
         if checkpoint.get("expert_base_seed") is not None:
