@@ -62,7 +62,7 @@ class _QuietEvaluation:
         self.warnings.__enter__()
         warnings.simplefilter("ignore")  # the nested runs' PossibleUserWarnings are not the user's business
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.warnings.__exit__(*exc)
         torch.set_rng_state(self.torch_state)
         np.random.set_state(self.numpy_state)

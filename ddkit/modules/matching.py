@@ -386,7 +386,7 @@ class TrajectoryMatching(L.LightningModule):
         self.base_seed = int(torch.initial_seed() if hp.seed is None else hp.seed)
         self.generator = segment_generator(self.base_seed, rank)
         if initialize:
-            x, y = data.train_tensors()
+            x, y = data.train_tensors() if hp.pix_init != "noise" else (None, None)
             images, logits = self.initial_set(x, y, device)
             with torch.no_grad():
                 self.images.copy_(images)
@@ -412,11 +412,12 @@ class TrajectoryMatching(L.LightningModule):
 
         return logits
 
-    def initial_set(self, x: Tensor, y: Tensor, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+    def initial_set(self, x: Any, y: Tensor | None, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
         """Initial images ``[K * ipc, C, H, W]`` (class-major) and, in DATM mode, label logits ``[K * ipc, K]``.
 
         Args:
-            x: ``[N, C, H, W]`` real training images (the training split, without the validation split).
+            x: ``[N, C, H, W]`` real training images (the training split, without the validation split), or a
+                :class:`~ddkit.datamodules.experts.LazyImages`; unused (may be None) for ``noise``.
             y: ``[N]`` their classes.
         """
         hp, k = self.hparams, self.spec.num_classes
@@ -506,7 +507,7 @@ class TrajectoryMatching(L.LightningModule):
         if self._world_size() > 1:
             packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
         flat, stats = packed[:-3], packed[-3:]
-        n_accepted, n_finite, loss_sum = int(round(float(stats[0]))), int(round(float(stats[1]))), float(stats[2])
+        n_accepted, n_finite, loss_sum = round(float(stats[0])), round(float(stats[1])), float(stats[2])
         out_grads = None
         if n_accepted > 0:
             flat = flat / n_accepted
@@ -555,7 +556,7 @@ class TrajectoryMatching(L.LightningModule):
         params = [self.images, self.step_size, *([self.label_logits] if self.datm else [])]
         optimizers = self.optimizers() if self._trainer is not None else self._optimizers
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        opt_img, opt_lr, *opt_y = optimizers
+        opt_img = optimizers[0]
         raw = [getattr(o, "optimizer", o) for o in optimizers]
         for p in params:
             p.grad = None

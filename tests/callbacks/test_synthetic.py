@@ -48,7 +48,7 @@ def test_evaluates_on_the_validation_split_and_keeps_the_best_set(buffer_dir, tm
         return original(ds, data, net, net_kwargs, device)
 
     callback.score = spy
-    m, trainer, data = fit(buffer_dir, tmp_path, callback, steps=5)
+    _, _, data = fit(buffer_dir, tmp_path, callback, steps=5)
     assert [it for it, _ in callback.history] == [2, 4, 5]  # every 2 iterations, and the final set
     assert seen["sizes"] == [len(data.val_set)] * 3 and len(data.val_set) == round(0.2 * 1347)
     best_it, best_acc = max(callback.history, key=lambda h: h[1])
@@ -76,7 +76,7 @@ def test_needs_a_validation_split(buffer_dir, tmp_path):
 def test_mtt_sets_use_the_hard_protocol(buffer_dir, tmp_path):
     callback = PeriodicEvaluation(eval_every=0, epochs=2)
     protocols = []
-    import ddkit.evaluation.evaluator as evaluator
+    from ddkit.evaluation import evaluator
 
     original = evaluator.train_and_test
 
