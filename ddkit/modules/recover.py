@@ -335,6 +335,7 @@ class Recover(L.LightningModule):
     def _idle_step(self, opt) -> None:
         """A padding step of a rank with fewer jobs: the optimizer steps on zero gradients (the images do not change),
         so that every rank's step count, and with it checkpointing, stays in step."""
+        opt.optimizer.state.clear()  # no moments left from the last job: a zero gradient gives a zero update
         self.images.grad = torch.zeros_like(self.images)
         opt.step()
         self.images.grad = None
@@ -376,6 +377,10 @@ class Recover(L.LightningModule):
         """Rank 0, after every rank has finished: shards -> DistilledSet + image folder; shards removed."""
         plan = self.plan
         done = sorted(j for j in range(plan.num_jobs) if shard_path(self.work_dir, j).is_file())
+        finished = self._steps_done >= plan.steps_per_rank(self.trainer.world_size)
+        if not done and finished and (Path(self.hparams.output) / "meta.json").is_file():
+            log.info("recover: every job was already done and assembled in %s", self.hparams.output)
+            return
         if len(done) < plan.num_jobs:
             log.warning("recover: %d of %d jobs finished; resume with --ckpt_path last to finish the others",
                         len(done), plan.num_jobs)
