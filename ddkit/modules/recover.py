@@ -172,7 +172,6 @@ class Recover(L.LightningModule):
         self._targets: torch.Tensor | None = None
         self._written: list[int] = []
         self._resume: dict[str, Any] | None = None
-        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     # -- the plan, as the datamodule sees it -------------------------------------------------------------------
 
@@ -205,16 +204,15 @@ class Recover(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        # The teacher is in eval mode on purpose; Lightning would warn about it at every fit.
+        # The teacher is in eval mode on purpose, and a checkpoint after the optimizer step is exactly what resuming
+        # needs; Lightning would warn about both at every fit.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         hp = self.hparams
         seed = hp.seed if hp.seed is not None else torch.initial_seed()
         self._seed = int(self.trainer.strategy.broadcast(int(seed), src=0))  # one seed for every rank
 
     def on_train_start(self) -> None:
-        strategy = self.trainer.strategy
-        model = strategy.model
-        self._ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         if self._resume is not None:
             self._restore_rank_state(self._resume)
             self._resume = None
@@ -222,7 +220,7 @@ class Recover(L.LightningModule):
             # A fresh run: shards of an earlier, unrelated run must not leak into this one.
             if self.trainer.is_global_zero and self.work_dir.exists():
                 shutil.rmtree(self.work_dir)
-            strategy.barrier("recover.clean_work_dir")
+            self.trainer.strategy.barrier("recover.clean_work_dir")
         self.teacher.eval()
         self._maybe_stop()
 
@@ -233,7 +231,7 @@ class Recover(L.LightningModule):
         opt = self.optimizers()
         if batch.job < 0:
             self._idle_step(opt)
-            return None
+            return
         if batch.t == 0:
             self._start_job(batch, opt.optimizer)
         elif batch.job != self._job:
@@ -255,7 +253,7 @@ class Recover(L.LightningModule):
         opt.step()
         clamp_to_pixel_range_(self.images, self.spec.mean, self.spec.std)
         self._after_step(batch, {"ce": ce.detach(), "bn": bn.detach(), "loss": loss.detach(), "lr": lr})
-        return None
+        return
 
     def on_train_end(self) -> None:
         strategy = self.trainer.strategy
@@ -359,8 +357,14 @@ class Recover(L.LightningModule):
             self.trainer.should_stop = True
 
     def _no_grad_sync(self) -> contextlib.AbstractContextManager:
-        """Each rank's images are its own: no gradient all-reduce under DDP."""
-        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        """Each rank's images are its own: no gradient all-reduce under DDP.
+
+        The DDP wrapper is looked up, not stored: as an attribute it would become a submodule of the module it wraps.
+        """
+        model = self.trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     # -- jobs, shards, result ----------------------------------------------------------------------------------
 
