@@ -4,8 +4,9 @@ Both sides run one recovery job in the same process with the same teacher, batch
 from ddkit.ops.recover_aug with the same generator), BN hooks and loss (ddkit.ops.bn_loss), Adam(0.5, 0.9), per-step
 cosine lr and clamp. The plain loop is the reference's inner loop without Lightning: no logging, no progress bar, no
 checkpoints. The ddkit side runs as a user gets it from a config: TensorBoard logger (losses every
-``log_every_n_steps``), TQDM progress bar, image grids every 200 steps. Timings are interleaved (ddkit, plain,
-ddkit, plain, ...) because the machine is shared; the per-step time of a run is measured after ``warmup`` steps, and
+``log_every_n_steps``), Lightning's default (Rich) progress bar, image grids every 200 steps; a second, "quiet" ddkit
+run has no logger and no progress bar. Timings are interleaved (ddkit, plain, ddkit quiet, ddkit, ...) because the
+machine is shared; the per-step time of a run is measured after ``warmup`` steps, and
 the reported ratio is the median over repeats of (ddkit / plain) of adjacent runs.
 
     python benchmarks/recover_speed.py                      # both settings, writes benchmarks/results/recover_speed.json
@@ -36,12 +37,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ddkit.datamodules.recover import RecoverJobs  # noqa: E402
-from ddkit.formats.common import write_json  # noqa: E402
-from ddkit.formats.teacher import TeacherMeta, load_teacher, save_teacher  # noqa: E402
-from ddkit.nets import build_net  # noqa: E402
-from ddkit.ops.bn_loss import bn_layer_loss, total_bn_loss  # noqa: E402
-from ddkit.ops.recover_aug import (  # noqa: E402
+from ddkit.datamodules.recover import RecoverJobs
+from ddkit.formats.common import write_json
+from ddkit.formats.teacher import TeacherMeta, load_teacher, save_teacher
+from ddkit.nets import build_net
+from ddkit.ops.bn_loss import bn_layer_loss, total_bn_loss
+from ddkit.ops.recover_aug import (
     clamp_to_pixel_range_,
     cosine_lr,
     random_flip,
@@ -97,7 +98,8 @@ class _StepTimer:
         return (self.callback.end - self.callback.start) / self.callback.steps
 
 
-def time_ddkit(setting: dict, teacher: str, steps: int, warmup: int, folder: Path) -> float:
+def time_ddkit(setting: dict, teacher: str, steps: int, warmup: int, folder: Path, quiet: bool = False) -> float:
+    """``quiet``: no logger, no progress bar, no image grids (the Trainer's loop and hooks alone)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -107,11 +109,12 @@ def time_ddkit(setting: dict, teacher: str, steps: int, warmup: int, folder: Pat
     module = Recover(data.spec, teacher=teacher, ipc=1, batch_size=data.spec.num_classes, iterations=warmup + steps,
                      lr=setting["lr"], r_bn=setting["r_bn"], jitter=setting["jitter"], crop=setting["crop"],
                      flip=setting["flip"], seed=0, output=str(folder / "out"), export=None,
-                     log_images_every_n_steps=200)
+                     log_images_every_n_steps=0 if quiet else 200)
     timer = _StepTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, log_every_n_steps=10,
-                        logger=TensorBoardLogger(str(folder / "runs"), name="bench"), enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[timer.callback])
+    logger = False if quiet else TensorBoardLogger(str(folder / "runs"), name="bench")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, log_every_n_steps=10, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=not quiet, enable_model_summary=False,
+                        callbacks=[timer.callback])
     trainer.fit(module, datamodule=data)
     return timer.per_step
 
@@ -178,15 +181,18 @@ def main() -> None:
             steps = args.steps or (400 if name == "fmnist" else 40)
             teacher = make_teacher(setting, folder)
             time_plain(setting, teacher, 5, 2)  # first-call costs out of the way
-            ddkit_times, plain_times, ratios = [], [], []
+            ddkit_times, quiet_times, plain_times, ratios, quiet_ratios = [], [], [], [], []
             for r in range(args.repeats):
                 d = time_ddkit(setting, teacher, steps, args.warmup, folder / f"{name}{r}")
                 p = time_plain(setting, teacher, steps, args.warmup)
+                q = time_ddkit(setting, teacher, steps, args.warmup, folder / f"{name}{r}q", quiet=True)
                 ddkit_times.append(d)
                 plain_times.append(p)
+                quiet_times.append(q)
                 ratios.append(d / p)
-                print(f"{name} repeat {r}: ddkit {d * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, "
-                      f"ratio {d / p:.3f}", flush=True)
+                quiet_ratios.append(q / p)
+                print(f"{name} repeat {r}: ddkit {d * 1e3:.2f} ms/step, plain {p * 1e3:.2f} ms/step, ddkit quiet "
+                      f"{q * 1e3:.2f} ms/step, ratio {d / p:.3f}, quiet ratio {q / p:.3f}", flush=True)
             results[name] = {
                 "setting": setting,
                 "steps_per_run": steps,
@@ -194,8 +200,11 @@ def main() -> None:
                 "repeats": args.repeats,
                 "ddkit_ms_per_step": [round(t * 1e3, 3) for t in ddkit_times],
                 "plain_ms_per_step": [round(t * 1e3, 3) for t in plain_times],
+                "ddkit_quiet_ms_per_step": [round(t * 1e3, 3) for t in quiet_times],
                 "ratios": [round(r, 4) for r in ratios],
+                "quiet_ratios": [round(r, 4) for r in quiet_ratios],
                 "median_ratio": round(statistics.median(ratios), 4),
+                "median_quiet_ratio": round(statistics.median(quiet_ratios), 4),
                 "median_ddkit_ms": round(statistics.median(ddkit_times) * 1e3, 3),
                 "median_plain_ms": round(statistics.median(plain_times) * 1e3, 3),
             }
