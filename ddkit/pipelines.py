@@ -27,11 +27,15 @@ times and commands) that :func:`results_table` prints as Markdown.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import os
+import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -199,11 +203,30 @@ def run_in_process(argv: list[str]) -> None:
     try:
         main(list(argv))
     except SystemExit as e:
+        if type(e).__name__ == "SIGTERMException":  # Lightning's own SIGTERM handling
+            raise KeyboardInterrupt from None
         if e.code not in (0, None):
             raise StageFailed(f"exit code {e.code}") from None
     except Exception as e:  # noqa: BLE001 - any failure of one stage is reported, the others go on
         traceback.print_exc()
         raise StageFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` intra-op CPU threads in this process and in the child processes it starts.
+
+    On a 2-core machine shared with other jobs, or for digits-sized tensors, one thread is often several times
+    faster than two: OpenMP threads spin while waiting for a core the other jobs hold.
+
+    Raises:
+        DDKitError: if ``n`` < 1.
+    """
+    if n < 1:
+        raise DDKitError(f"threads: must be >= 1, got {n!r}")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def run_subprocess(argv: list[str]) -> None:
@@ -227,10 +250,42 @@ class StageResult:
     seconds: float = 0.0  # wall time in this session (0 when cached)
     made_in_s: float | None = None  # wall time of the run that made the artifact (from the stamp)
     error: str | None = None
+    cpu_s: float | None = None  # user + sys CPU time of the run that made the artifact (all threads, children)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "command": self.command, "seconds": round(self.seconds, 2),
-                "made_in_s": None if self.made_in_s is None else round(self.made_in_s, 2), "error": self.error}
+                "made_in_s": None if self.made_in_s is None else round(self.made_in_s, 2),
+                "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 2), "error": self.error}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and of its finished children, in seconds. On a shared
+    machine this, not the wall time, says what a stage costs."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: dict[str, int]):
+    """SIGINT / SIGTERM set ``flag['signal']`` and raise KeyboardInterrupt in the main thread. Lightning catches a
+    KeyboardInterrupt inside ``fit`` and returns as if the run had ended, so the flag is what tells the driver that
+    the stage did not finish (no stamp is written and the session stops)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def run_stages(stages: Iterable[Stage], root: str | Path, runner: Runner = run_in_process,
@@ -260,7 +315,7 @@ def run_stages(stages: Iterable[Stage], root: str | Path, runner: Runner = run_i
         check_stage(s, root)
     force = list(force)
     results: list[StageResult] = []
-    start_all = time.perf_counter()
+    start_all, cpu_all = time.perf_counter(), cpu_seconds()
     width = len(str(len(stages)))
     for i, stage in enumerate(stages, 1):
         head = f"[{i:>{width}}/{len(stages)}] {stage.name}"
@@ -277,16 +332,26 @@ def run_stages(stages: Iterable[Stage], root: str | Path, runner: Runner = run_i
             continue
         forced = any(fnmatch.fnmatchcase(stage.name, pat) for pat in force)
         if not forced and is_cached(stage, key):
-            made = (read_stamp(stage) or {}).get("wall_time_s")
-            results.append(StageResult(stage.name, "cached", stage.command(), made_in_s=made))
+            stamp = read_stamp(stage) or {}
+            made = stamp.get("wall_time_s")
+            results.append(StageResult(stage.name, "cached", stage.command(), made_in_s=made, cpu_s=stamp.get("cpu_s")))
             log(f"{head}: cached (made in {_secs(made)})\n    $ {stage.command()}")
             continue
         log(f"{head}: running{' (forced)' if forced else ''}\n    $ {stage.command()}")
         for p in (stage.stamp_path(), *stage.outputs, *stage.clean):
             _remove(p)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        flag: dict[str, int] = {}
         try:
-            runner(list(stage.argv))
+            with _stop_on_signals(flag):
+                try:
+                    runner(list(stage.argv))
+                except KeyboardInterrupt:
+                    flag.setdefault("signal", int(signal.SIGINT))
+            if flag:
+                log(f"{head}: interrupted by signal {flag['signal']} after {_secs(time.perf_counter() - t0)}; "
+                    "no stamp written, stopping")
+                raise KeyboardInterrupt
             absent = [o for o in stage.outputs if not Path(o).exists()]
             if absent:
                 raise StageFailed(f"the command did not write {absent[0]}")
@@ -295,14 +360,15 @@ def run_stages(stages: Iterable[Stage], root: str | Path, runner: Runner = run_i
             results.append(StageResult(stage.name, "failed", stage.command(), seconds=dt, error=str(e)))
             log(f"{head}: FAILED after {_secs(dt)}: {e}")
             continue
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         write_json(stage.stamp_path(), {"format": STAMP_FORMAT, "stage": stage.name, "key": key,
-                                        "wall_time_s": round(dt, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        results.append(StageResult(stage.name, "ran", stage.command(), seconds=dt, made_in_s=dt))
-        log(f"{head}: done in {_secs(dt)}")
-    total = time.perf_counter() - start_all
+                                        "wall_time_s": round(dt, 2), "cpu_s": round(cpu, 2),
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        results.append(StageResult(stage.name, "ran", stage.command(), seconds=dt, made_in_s=dt, cpu_s=cpu))
+        log(f"{head}: done in {_secs(dt)} (CPU {_secs(cpu)})")
+    total, total_cpu = time.perf_counter() - start_all, cpu_seconds() - cpu_all
     counts = {k: sum(r.status == k for r in results) for k in ("ran", "cached", "failed", "blocked")}
-    log(f"total wall time {_secs(total)}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    log(f"total wall time {_secs(total)} (CPU {_secs(total_cpu)}): " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return results
 
 
@@ -574,10 +640,15 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
     by_name = {r.name: r for r in results or []}
     stage_by_name = {s.name: s for s in built.stages}
 
-    def made_in(stage: Stage) -> float | None:
+    def made_in(stage: Stage, what: str = "wall_time_s") -> float | None:
+        """The stamp's wall (or ``cpu_s``) time of a valid cached artifact, else None."""
         if not is_cached(stage):
             return None
-        return (read_stamp(stage) or {}).get("wall_time_s")
+        return (read_stamp(stage) or {}).get(what)
+
+    def total(stages: list[Stage], what: str) -> float | None:
+        times = [made_in(s, what) for s in stages]
+        return sum(times) if all(t is not None for t in times) else None
 
     cells = []
     for k in plan.ipcs:
@@ -597,6 +668,7 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
                     cell.update(status="done", mean=r["mean"], std=r["std"], accuracies=r["accuracies"],
                                 seeds=rep["seeds"], protocol_record=r["protocol"], net=rep["net"],
                                 net_kwargs=rep["net_kwargs"], eval_wall_time_s=r["wall_time_s"],
+                                eval_cpu_s=made_in(s, "cpu_s"),
                                 kd_teacher=built.teachers[m] if p == "kd" else None)
                 elif s.name in by_name and by_name[s.name].status in ("failed", "blocked"):
                     cell.update(status=by_name[s.name].status, note=by_name[s.name].error)
@@ -605,11 +677,11 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
     methods: dict[str, Any] = {}
     for m in plan.methods:
         own = [s for s in built.stages if s.method == m and s.kind != "evaluate"]
-        distill = {}
-        for k in plan.ipcs:
+        distill, distill_cpu, distill_cmd = {}, {}, {}
+        for k in plan.ipcs:  # the IPC-specific distillation stages (none for the random subset: 0 s)
             ks = [s for s in own if s.ipc == k and s.kind in ("recover", "distill")]
-            times = [made_in(s) for s in ks]
-            distill[str(k)] = sum(times) if ks and all(t is not None for t in times) else (0.0 if not ks else None)
+            distill[str(k)], distill_cpu[str(k)] = total(ks, "wall_time_s"), total(ks, "cpu_s")
+            distill_cmd[str(k)] = [s.command() for s in ks]
         shared = [s for s in own if s.ipc is None]
         relabel = {}
         for k in plan.ipcs:
@@ -620,12 +692,15 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
                                    "val_split": rec["val_split"], "wall_time_s": made_in(s), "command": s.command()}
         methods[m] = {
             "distill_wall_time_s": distill,
-            "shared_stages": {s.name: {"wall_time_s": made_in(s), "command": s.command()} for s in shared},
+            "distill_cpu_s": distill_cpu,
+            "distill_commands": distill_cmd,
+            "shared_stages": {s.name: {"wall_time_s": made_in(s), "cpu_s": made_in(s, "cpu_s"),
+                                       "command": s.command()} for s in shared},
             "relabel": relabel,
             "kd_teacher": built.teachers[m],
         }
 
-    shared_stages = {s.name: {"wall_time_s": made_in(s), "command": s.command()}
+    shared_stages = {s.name: {"wall_time_s": made_in(s), "cpu_s": made_in(s, "cpu_s"), "command": s.command()}
                      for s in built.stages if s.method == "shared"}
     full = None
     s = stage_by_name.get("full")
@@ -634,7 +709,7 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
         if is_cached(s):
             rec = json.loads(Path(s.outputs[0]).read_text())
             full.update(status="done", accuracy=rec["metrics"].get("val/acc"), epochs=rec["epochs"],
-                        val_split=rec["val_split"], wall_time_s=made_in(s))
+                        val_split=rec["val_split"], wall_time_s=made_in(s), cpu_s=made_in(s, "cpu_s"))
     teacher_acc = {}
     for name in ("sre2l_teacher", "sre2l_teacher_zca", "scdd_probe"):
         s = stage_by_name.get(name)
@@ -659,6 +734,7 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
         "method_records": methods,
         "session": [r.to_dict() for r in results or []],
         "stages_wall_time_s": round(sum(t for t in (made_in(s) for s in built.stages) if t is not None), 1),
+        "stages_cpu_s": round(sum(t for t in (made_in(s, "cpu_s") for s in built.stages) if t is not None), 1),
     }
 
 
@@ -684,19 +760,26 @@ def results_table(doc: dict[str, Any], anchors: dict[str, dict[int, float]] | No
     protocols = list(protocols or doc["protocols"])
     ipcs = doc["ipcs"]
     index = {(c["method"], c["ipc"], c["protocol"]): c for c in doc["cells"]}
-    head = ["method"] + [f"IPC {k} {p}" for k in ipcs for p in protocols] + ["distill time (s), IPC " +
-                                                                            " / ".join(map(str, ipcs))]
+    head = ["method"] + [f"IPC {k} {p}" for k in ipcs for p in protocols] + [
+        "distill wall (CPU) s, IPC " + " / ".join(map(str, ipcs))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in doc["methods"]:
         own = doc["own_protocol"].get(m)
         cells = [fmt_cell(index.get((m, k, p)), own=p == own) for k in ipcs for p in protocols]
-        times = doc["method_records"].get(m, {}).get("distill_wall_time_s", {})
-        t = " / ".join("—" if times.get(str(k)) is None else f"{times[str(k)]:.0f}" for k in ipcs)
+        rec = doc["method_records"].get(m, {})
+        wall, cpu = rec.get("distill_wall_time_s", {}), rec.get("distill_cpu_s", {})
+        t = " / ".join(_wall_cpu(wall.get(str(k)), cpu.get(str(k))) for k in ipcs)
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {t} |")
     for name, values in (anchors or {}).items():
         cells = [(f"{values[k]:.1f}" if k in values else "—") if p == "hard" else "—" for k in ipcs for p in protocols]
         lines.append(f"| {name} | " + " | ".join(cells) + " | — |")
     return "\n".join(lines) + "\n"
+
+
+def _wall_cpu(wall: float | None, cpu: float | None) -> str:
+    if wall is None:
+        return "—"
+    return f"{wall:.0f}" + ("" if cpu is None or wall == 0 else f" ({cpu:.0f})")
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -177,6 +177,7 @@ def fake_doc() -> dict:
             "method_records": {"random": {"distill_wall_time_s": {"1": 0.0, "10": 0.0}, "shared_stages": {},
                                           "relabel": {}},
                                "datm": {"distill_wall_time_s": {"1": None, "10": 1234.0},
+                                        "distill_cpu_s": {"1": None, "10": 2000.4},
                                         "shared_stages": {"datm_buffer": {"wall_time_s": 2700.0, "command": "x"}},
                                         "relabel": {}}},
             "session": [], "stages_wall_time_s": 3946.0}
@@ -188,7 +189,7 @@ def test_results_table_marks_unmeasured_cells_and_bolds_the_own_protocol():
     assert rows[0].startswith("| method | IPC 1 hard | IPC 1 soft | IPC 1 kd | IPC 10 hard")
     assert rows[2] == ("| random real subset | **50.0 ± 1.0** | not run | not run | not run | not run | not run "
                        "| 0 / 0 |")
-    assert "**85.1 ± 0.4**" in rows[3] and rows[3].endswith("| — / 1234 |")
+    assert "**85.1 ± 0.4**" in rows[3] and rows[3].endswith("| — / 1234 (2000) |")
     assert rows[4] == "| DSA (paper) | 70.6 | — | — | 84.6 | — | — | — |"
 
 
@@ -230,3 +231,24 @@ def test_benchmark_writers_on_a_fake_document(tmp_path):
     text = readme.read_text()
     assert "| DATM (ddkit) | `soft` | not run | **85.1 ± 0.4** |" not in text  # headline cells are not bold
     assert "| DATM (ddkit) | `soft` | not run | 85.1 ± 0.4 |" in text and text.endswith("## Next\n")
+
+
+def test_a_signal_during_a_stage_stops_the_session_without_a_stamp(chain):
+    """Lightning swallows a KeyboardInterrupt inside fit and returns normally; the driver must still notice."""
+    import os
+    import signal
+
+    _, root, stages, runner = chain
+
+    def swallowing_runner(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass  # as Lightning's graceful shutdown: the command returns with its outputs half made
+        Path(stages["a"].outputs[0]).write_text("partial")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(stages.values(), root, swallowing_runner, log=lambda s: None)
+    assert (root / "a.txt").read_text() == "partial" and not (root / "a.txt.stamp.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+    assert statuses(run_stages(stages.values(), root, runner, log=lambda s: None)) == {"a": "ran", "b": "ran"}
