@@ -170,8 +170,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _time(seconds: float | None) -> str:
-    return "not run" if seconds is None else f"{seconds:.0f} s"
+def _time(seconds: float | None, cpu: float | None = None) -> str:
+    if seconds is None:
+        return "not run"
+    return f"{seconds:.0f} s" + ("" if cpu is None else f" ({cpu:.0f} s)")
 
 
 def quality_section(doc: dict[str, Any]) -> str:
@@ -202,16 +204,17 @@ def quality_section(doc: dict[str, Any]) -> str:
                f"kd recipe (the relabel configs'): {json.dumps(doc['kd_options'])}."),
               ("- `soft` on a set without learned labels trains on one-hot targets at the learned step size when "
                "the set has one (MTT), else at lr 0.01."),
-              ("- Distill time: wall time of the IPC-specific stage (recover, or trajectory matching with its "
-               "periodic evaluation), from the stamps; shared stages (teachers, SSL pretraining, buffers) are "
-               "listed below. The machine's load is recorded in the JSON; times on a shared machine are upper "
-               "bounds."), ""]
+              ("- Distill wall (CPU): wall time and user + sys CPU time (all threads) of the IPC-specific stage "
+               "(recover, or trajectory matching with its periodic evaluation), from the stamps; shared stages "
+               "(teachers, SSL pretraining, buffers) are listed below. The machine's load average is recorded in "
+               "the JSON; on a shared machine the wall times are upper bounds and the CPU times the better guide."),
+              ""]
     shared: dict[str, Any] = dict(doc.get("shared_stages", {}))
     for rec in doc["method_records"].values():
         shared.update(rec["shared_stages"])
     if shared:
-        lines.append("Shared stages: " + "; ".join(f"`{n}` {_time(v['wall_time_s'])}" for n, v in shared.items())
-                     + ".")
+        lines.append("Shared stages, wall (CPU): " + "; ".join(
+            f"`{n}` {_time(v['wall_time_s'], v.get('cpu_s'))}" for n, v in shared.items()) + ".")
     for name, rec in doc["teachers"].items():
         split = "test split" if not rec["val_split"] else f"held-out {rec['val_split']} training images"
         lines.append(f"Teacher `{name}`: {100 * rec['val_acc']:.2f} % on the {split}.")
@@ -225,8 +228,8 @@ def quality_section(doc: dict[str, Any]) -> str:
               (f"Reproduce: `{doc['command']}` (the table: `python benchmarks/quality_fmnist.py`; any subset with "
                "`--ipc`, `--methods`, `--protocols`; `--table-only` regenerates this section, the JSON and the plot "
                "from the cache). "
-               f"Session wall time {doc['session_wall_time_s']:.0f} s; recorded wall time of every stage behind the "
-               f"table {doc['stages_wall_time_s']:.0f} s.")]
+               f"Session wall time {doc['session_wall_time_s']:.0f} s; recorded wall (CPU) time of every stage "
+               f"behind the table {doc['stages_wall_time_s']:.0f} s ({doc.get('stages_cpu_s', 0):.0f} s).")]
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +267,19 @@ def committed(results: Path) -> set[str]:
         return {p.name for p in results.glob("*")}
 
 
+KNOWN = {"quality_fmnist.json", "recover_speed.json", "matching_memory.json", "ssl_bn_spread.json"}
+
+
+def added_by(path: Path) -> str:
+    """The subject of the commit that added ``path`` (it names the command), or ``?``."""
+    try:
+        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%s", "-1", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().replace("|", "/") or "?"
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
 def others_section(results: Path) -> str:
     """Links to the other benchmarks' committed results, quoting only numbers that are in those files."""
     tracked = committed(results)
@@ -291,10 +307,12 @@ def others_section(results: Path) -> str:
     if mem:
         lines.append(f"[matching_memory.json](benchmarks/results/matching_memory.json), command `{mem['command']}`; "
                      f"{mem.get('problem', '')}; {mem.get('machine', '')}.")
-        lines += ["", "| engine | syn_steps | s/step | peak RSS (GB) | base RSS (GB) |", "|---|---|---|---|---|"]
-        for r in mem["results"].values():
-            lines.append(f"| {r['engine']} | {r['syn_steps']} | {r['step_s']:.2f} | {r['peak_bytes'] / 1e9:.2f} | "
-                         f"{r['base_bytes'] / 1e9:.2f} |")
+        lines += ["", "| engine | syn_steps | CPU s/step | wall s/step | peak RSS (GB) | base RSS (GB) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(mem["results"].values(), key=lambda r: (r["engine"], r["syn_steps"])):
+            cpu = f"{r['step_cpu_s']:.2f}" if "step_cpu_s" in r else "—"
+            lines.append(f"| {r['engine']} | {r['syn_steps']} | {cpu} | {r['step_s']:.2f} | "
+                         f"{r['peak_bytes'] / 1e9:.2f} | {r['base_bytes'] / 1e9:.2f} |")
         lines.append("")
         for name, t in mem.get("targets", {}).items():
             lines.append(f"- {name}: {t['value']:.2f} (target {t['target']}): {'met' if t['met'] else 'not met'}")
@@ -315,6 +333,19 @@ def others_section(results: Path) -> str:
                 f"{r.get('pretrain_seconds')} s | `{r['command']}` |")
     else:
         lines.append("No committed results yet (`benchmarks/results/ssl_fmnist_*.json`).")
+    reports = sorted(p for p in results.glob("*.json") if p.name in tracked and p.name not in KNOWN)
+    reports = [p for p in reports if {"results", "protocols", "net"} <= set(json.loads(p.read_text()))]
+    lines += ["", "### Single `ddkit evaluate` reports", ""]
+    if reports:
+        lines += ["| file | set | IPC | protocol | net | accuracy (%) | seeds | added by |", "|---|---|---|---|---|---|---|---|"]
+        for p in reports:
+            rep = json.loads(p.read_text())
+            for r in rep["results"]:
+                lines.append(f"| [{p.name}](benchmarks/results/{p.name}) | {r['name']} | {r['ipc']} | "
+                             f"{r['protocol']['name']} | {rep['net']} {json.dumps(rep['net_kwargs'])} | "
+                             f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {rep['seeds']} | {added_by(p)} |")
+    else:
+        lines.append("None committed.")
     spread = load("ssl_bn_spread.json")
     lines += ["", "### BN running-statistics spread, SSL vs supervised teacher, `benchmarks/ssl_bn_spread.py`", ""]
     if spread:
