@@ -12,11 +12,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
-from ddkit.modules.common import AUGMENTS, BatchAugment, build_optimizer, epoch_scheduler
+from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.nets import build_net
 
 
-class Classifier(L.LightningModule):
+class Classifier(RealDataEvaluation, L.LightningModule):
     """Train ``build_net(net, ...)`` with cross-entropy on hard labels, or soft-target cross-entropy when a batch's
     targets are class probabilities ``[N, K]``.
 
@@ -93,19 +93,6 @@ class Classifier(L.LightningModule):
             self.train_acc(logits, y)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
-
-    def _eval_step(self, batch, metric, prefix: str) -> None:
-        x, y = batch
-        logits = self.net(x)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), sync_dist=True)
-        metric(logits, y)
-        self.log(f"{prefix}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
 
     def configure_optimizers(self):
         hp = self.hparams

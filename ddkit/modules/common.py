@@ -1,11 +1,12 @@
-"""Pieces shared by the stage modules: optimizers, epoch schedules, batch augmentation."""
+"""Pieces shared by the stage modules: optimizers, epoch schedules, batch augmentation, real-data evaluation."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddkit.errors import DDKitError
@@ -115,3 +116,24 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None]
     return xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+class RealDataEvaluation:
+    """Mixin for a LightningModule whose ``forward`` classifies: validation and test steps on real labelled batches.
+
+    Logs ``{val,test}/loss`` (cross-entropy) and ``{val,test}/acc`` (the module's ``val_acc`` / ``test_acc``
+    torchmetrics, synchronised across DDP ranks by torchmetrics itself).
+    """
+
+    def _eval_step(self, batch, metric, prefix: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), sync_dist=True, batch_size=x.shape[0])
+        metric(logits, y)
+        self.log(f"{prefix}/acc", metric, prog_bar=True, batch_size=x.shape[0])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test")

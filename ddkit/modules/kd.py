@@ -57,7 +57,7 @@ from ddkit.formats.soft_labels import (
     save_shard,
     shard_exists,
 )
-from ddkit.modules.common import build_optimizer, decay_split, epoch_scheduler
+from ddkit.modules.common import RealDataEvaluation, build_optimizer, decay_split, epoch_scheduler
 from ddkit.nets import build_net
 from ddkit.ops.mixing import DEFAULT_ALPHA, MIX_KINDS, MixParams, apply_mix, draw_mix
 from ddkit.ops.recover_aug import sample_crop_box
@@ -349,7 +349,7 @@ def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path,
 # ---------------------------------------------------------------------------------------------- module
 
 
-class KDStudent(L.LightningModule):
+class KDStudent(RealDataEvaluation, L.LightningModule):
     """Train a fresh ``build_net(net)`` on a distilled set with a teacher's soft labels (relabel / KD post-train).
 
     Loss: ``kd_loss(student(x), teacher(x), temperature, t2_scale) + ce_weight * mixed_ce`` on the mixed views ``x``.
@@ -640,19 +640,6 @@ class KDStudent(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
-
-    def _eval_step(self, batch, metric, prefix: str) -> None:
-        x, y = batch
-        logits = self.net(x)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), sync_dist=True, batch_size=x.shape[0])
-        metric(logits, y)
-        self.log(f"{prefix}/acc", metric, prog_bar=True, batch_size=x.shape[0])
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
 
     def configure_optimizers(self):
         hp = self.hparams

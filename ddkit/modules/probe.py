@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
-from ddkit.modules.common import AUGMENTS, BatchAugment, build_optimizer, epoch_scheduler
+from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.modules.ssl import head_keys
 from ddkit.nets import build_net
 
@@ -70,7 +70,7 @@ def load_ssl_backbone(path: str | os.PathLike, encoder: str = "auto") -> tuple[d
     return hp, state
 
 
-class LinearProbe(L.LightningModule):
+class LinearProbe(RealDataEvaluation, L.LightningModule):
     """Train a linear head on a frozen backbone kept in eval mode; export backbone + head as a teacher.
 
     Args:
@@ -186,19 +186,6 @@ class LinearProbe(L.LightningModule):
         self.train_acc(logits, y)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
-
-    def _eval_step(self, batch, metric, prefix: str) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), y), sync_dist=True)
-        metric(logits, y)
-        self.log(f"{prefix}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
 
     def setup(self, stage: str) -> None:
         self.augment.reseed(torch.initial_seed() + 1000003 * self.global_rank)
