@@ -8,7 +8,11 @@ traceback instead).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 # Quieter start-up: these are informational messages that every run would otherwise print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,6 +35,18 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.set_defaults({"checkpoint.save_last": True})
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
 
+        def _run_subcommand(self, subcommand: str) -> None:
+            """Run it; bad input found before the first step (in a stage's setup) leaves no log folder behind."""
+            fresh = _fresh_log_roots(self.trainer)
+            try:
+                super()._run_subcommand(subcommand)
+            except Exception as e:
+                if _ddkit_cause(e) is not None and self.trainer.global_step == 0:
+                    for root in fresh:
+                        shutil.rmtree(root, ignore_errors=True)
+                raise
+
+    no_exit = {"exit_on_error": False}  # parse errors become exceptions: main() prints them as one line
     DDKitCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -43,7 +59,24 @@ def _lightning_cli(args: list[str] | None) -> None:
             "log_every_n_steps": 10,
         },
         args=args,
+        parser_kwargs={**no_exit, **{cmd: no_exit for cmd in ("fit", "validate", "test", "predict")}},
     )
+
+
+def _fresh_log_roots(trainer) -> list[Path]:
+    """The topmost folders of the trainer's log dirs that do not exist yet (what this run would create)."""
+    roots = []
+    for logger in trainer.loggers:
+        path = getattr(logger, "log_dir", None)
+        if path is None:
+            continue
+        path = Path(path).absolute()
+        if path.exists():
+            continue
+        while not path.parent.exists():
+            path = path.parent
+        roots.append(path)
+    return roots
 
 
 def quiet_lightning() -> None:
@@ -79,10 +112,39 @@ def main(argv: list[str] | None = None) -> None:
             _lightning_cli(None if from_command_line else argv)
     except Exception as e:
         cause = _ddkit_cause(e)
-        if cause is None or debug:
+        if debug:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        if cause is not None:
+            print(f"error: {cause}", file=sys.stderr)
+        elif isinstance(e, ArgumentError):
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        else:
+            raise
         sys.exit(2)
+
+
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Given value:", "Problem with given",
+          "Parser key", "Expected a path but", "Expected a <class 'NoneType'>")
+
+
+def _one_line(message: str) -> str:
+    """A jsonargparse error as ``<field>: <problem>, got <value>``.
+
+    jsonargparse explains a bad value over many lines (every Union subtype it tried); the field is the chain of
+    ``Parser key "..."`` lines, the problem the innermost line that is not bookkeeping.
+    """
+    lines = [ln.strip().removeprefix("- ") for ln in message.splitlines() if ln.strip()]
+    keys = [m.group(1) for ln in lines if (m := re.match(r'Parser key "([^"]+)":', ln))]
+    problems = [ln for ln in lines if not ln.startswith(_NOISE)]
+    if not keys or not problems:
+        return " ".join(lines)
+    line = f"{'.'.join(keys)}: {problems[-1]}"
+    given = next((ln for ln in lines if ln.startswith("Given value:")), None)
+    if given and "Got value" not in line:
+        value = given.removeprefix("Given value:").strip()
+        nested = re.search(r"val='(.*)'\)$", value)
+        line += f", got {nested.group(1) if nested else value!r}"
+    return line
 
 
 def _ddkit_cause(e: BaseException | None) -> DDKitError | None:

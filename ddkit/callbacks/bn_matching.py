@@ -51,7 +51,7 @@ class BNStatisticsMatching(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
-        bns = _batchnorm_layers(getattr(pl_module, "teacher", None))
+        bns = batchnorm_layers(getattr(pl_module, "teacher", None))
         self._latest = [None] * len(bns)
         self._handles = [bn.register_forward_hook(self._hook(i)) for i, bn in enumerate(bns)]
         self._module = pl_module
@@ -121,7 +121,7 @@ class BNStatisticsMatching(pl.Callback):
         self._fresh.clear()
 
 
-def _batchnorm_layers(teacher: object) -> list[_BatchNorm]:
+def batchnorm_layers(teacher: object) -> list[_BatchNorm]:
     """The teacher's BN layers in ``modules()`` order; DDKitError if there are none or one has no stats."""
     if not isinstance(teacher, nn.Module):
         raise DDKitError(f"teacher: must be an nn.Module on the module, got {type(teacher).__name__}")

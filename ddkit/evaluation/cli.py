@@ -10,7 +10,7 @@ from ddkit.evaluation.report import markdown
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="ddkit evaluate", description=(
+    parser = ArgumentParser(prog="ddkit evaluate", exit_on_error=False, description=(
         "Train fresh networks on distilled sets and baselines under named protocols (hard, soft, kd) and report "
         "mean ± std test accuracy. Example: ddkit evaluate --data.dataset fashion_mnist --baselines [random] "
         "--ipc 10 --protocols [hard] --seeds 3"))

@@ -19,13 +19,26 @@ from ddkit.errors import DDKitError
 
 
 def _check_writable_parent(path: Path, field: str) -> None:
+    """:func:`check_writable`, then create ``path``'s parent."""
+    check_writable(path, field)
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DDKitError(f"{field}: cannot create directory {str(parent)!r} ({e.strerror}), got {str(path)!r}") from None
-    if not os.access(parent, os.W_OK):
-        raise DDKitError(f"{field}: directory is not writable, got {str(path)!r}")
+
+
+def check_writable(path: str | os.PathLike, field: str) -> None:
+    """Raise unless ``path`` could be written later, creating nothing: its nearest existing ancestor must be a
+    writable directory (so a bad output path stops a run at start, not after hours of work)."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DDKitError(f"{field}: {str(ancestor)!r} is not a directory, got {str(path)!r}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DDKitError(f"{field}: directory {str(ancestor)!r} is not writable, got {str(path)!r}")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.common import check_writable
 from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.nets import build_net
 
@@ -61,6 +62,8 @@ class Classifier(RealDataEvaluation, L.LightningModule):
             raise DDKitError(f"lr: must be > 0, got {lr!r}")
         if augment not in AUGMENTS:
             raise DDKitError(f"augment: must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        if export_teacher:
+            check_writable(export_teacher, "export_teacher")
         self.spec = data_spec = as_spec(data_spec)
         self.save_hyperparameters(ignore=["data_spec"])
         self.hparams["data_spec"] = data_spec.to_dict()  # plain types: checkpoints load with weights_only=True

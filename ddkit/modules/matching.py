@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.common import check_writable
 from ddkit.formats.distilled import DistilledSet, save_distilled
 from ddkit.ops.dsa import dsa, seeded_generator
 from ddkit.ops.matching_grad import (
@@ -283,6 +284,7 @@ class TrajectoryMatching(L.LightningModule):
                             ("momentum_y", momentum_y)):
             if not 0 <= value < 1:
                 raise DDKitError(f"{name}: must lie in [0, 1), got {value!r}")
+        check_writable(output, "output")
         if save_every < 0:
             raise DDKitError(f"save_every: must be >= 0, got {save_every!r}")
         if label_experts is not None and label_experts <= 0:

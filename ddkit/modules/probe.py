@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.common import check_writable
 from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.modules.ssl import head_keys
 from ddkit.nets import build_net
@@ -116,6 +117,8 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
             raise DDKitError(f"augment: must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         if not lr > 0:
             raise DDKitError(f"lr: must be > 0, got {lr!r}")
+        if export_teacher:
+            check_writable(export_teacher, "export_teacher")
         self.spec = data_spec = as_spec(data_spec)
         method = "random"
         if ssl_checkpoint is not None:

@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddkit.callbacks.bn_matching import BNStatisticsMatching
+from ddkit.callbacks.bn_matching import BNStatisticsMatching, batchnorm_layers
 from ddkit.datamodules.recover import JobStep, RecoverPlan
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.common import check_writable
 from ddkit.ops.recover_aug import (
     CURRICULUM_MODES,
     clamp_to_pixel_range_,
@@ -143,6 +144,7 @@ class Recover(L.LightningModule):
             raise DDKitError("data_spec.zca: recovery works in the mean/std-normalized space, got True")
         if teacher is None:
             raise DDKitError("teacher: required (path of a teacher checkpoint with BatchNorm layers), got None")
+        check_writable(output, "output")
         self.spec = spec
         self.save_hyperparameters(ignore=["data_spec"])
         self.hparams["data_spec"] = spec.to_dict()  # plain types: checkpoints load with weights_only=True
@@ -153,6 +155,7 @@ class Recover(L.LightningModule):
 
         net, meta = load_teacher(teacher)
         _check_teacher_fits(meta.data_spec, spec, teacher)
+        batchnorm_layers(net)  # no BN layers: nothing to match; stop before the run writes anything
         self.teacher = net.eval().requires_grad_(False)
 
         self.automatic_optimization = False

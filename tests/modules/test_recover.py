@@ -235,9 +235,8 @@ def test_teacher_without_bn(spec, tmp_path) -> None:
     path = tmp_path / "in.safetensors"
     save_teacher(path, build_net("convnet", 10, 1, 8, depth=1, width=4), TeacherMeta("convnet", {"depth": 1, "width": 4},
                                                                                    spec))
-    module = _recover(spec, str(path), tmp_path / "out")
     with pytest.raises(DDKitError, match=r"^teacher: has no BatchNorm layers, got ConvNet$"):
-        _fit(module, tmp_path)
+        _recover(spec, str(path), tmp_path / "out")  # refused when built, before a run writes anything
 
 
 def test_resume_with_other_plan_is_rejected(tmp_path, spec, teacher_path) -> None:
