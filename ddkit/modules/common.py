@@ -1,9 +1,10 @@
-"""Pieces shared by the stage modules: optimizers, epoch schedules, batch augmentation, real-data evaluation."""
+"""Pieces shared by the stage modules: optimizers, epoch schedules, batch augmentation, real-data evaluation,
+the non-finite loss guard."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,18 @@ def build_optimizer(name: str, params: Iterable, lr: float, momentum: float = 0.
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise DDKitError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def check_nonfinite_streak(streak: int, max_nonfinite: int, what: str, where: str, hint: str,
+                           keep: Callable[[], str], value: float) -> None:
+    """The non-finite guard's stop (recover, matching): a step with a non-finite loss is skipped and counted; after
+    ``max_nonfinite`` such steps in a row the run stops. ``keep()`` writes (or names) the last good artifact and
+    returns where it is; the error reads ``<what>: non-finite for <streak> <where>; <hint>; <kept>, got <value>``.
+    """
+    if streak < max_nonfinite:
+        return
+    kept = keep()
+    raise DDKitError(f"{what}: non-finite for {streak} {where}; {hint}; {kept}, got {value!r}")
 
 
 def decay_split(net: nn.Module) -> list[dict]:

@@ -38,6 +38,7 @@ from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.formats.common import check_writable
 from ddkit.formats.distilled import DistilledSet, save_distilled
+from ddkit.modules.common import check_nonfinite_streak
 from ddkit.ops.dsa import dsa, seeded_generator
 from ddkit.ops.matching_grad import (
     ENGINES,
@@ -529,11 +530,10 @@ class TrajectoryMatching(L.LightningModule):
         self.nonfinite_streak = self.nonfinite_streak + 1 if combined["finite"] == 0 else 0
         if combined["finite"] > 0 and combined["accepted"] == 0:
             self.threshold_skips += 1
-        if self.nonfinite_streak >= hp.max_nonfinite:
-            where = self.save_last()
-            raise DDKitError(f"matching loss: non-finite for {self.nonfinite_streak} iterations in a row (up to "
-                             f"iteration {iteration}); lower lr_img / lr_y / lr_lr or syn_steps; last good set in "
-                             f"{where}, got {combined['loss']!r}")
+        check_nonfinite_streak(self.nonfinite_streak, hp.max_nonfinite, "matching loss",
+                               f"iterations in a row (up to iteration {iteration})",
+                               "lower lr_img / lr_y / lr_lr or syn_steps",
+                               lambda: f"last good set in {self.save_last()}", combined["loss"])
         self.apply_update(combined["grads"], iteration)
         self.iteration = iteration + 1
 

@@ -26,6 +26,7 @@ each rank writes its jobs' shards, and rank 0 assembles the DistributedSet at th
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from ddkit.datamodules.recover import JobStep, RecoverPlan
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.formats.common import check_writable
+from ddkit.modules.common import check_nonfinite_streak
 from ddkit.ops.recover_aug import (
     CURRICULUM_MODES,
     clamp_to_pixel_range_,
@@ -63,7 +65,7 @@ EXPORTS = ("png", "jpg")
 CKPT_KEY = "ddkit_recover"
 WORK_DIR = ".work"
 # Options that do not change the images: a run may resume with other values for these.
-_NOT_PLAN = ("teacher", "output", "export", "method", "log_images_every_n_steps")
+_NOT_PLAN = ("teacher", "output", "export", "method", "log_images_every_n_steps", "max_nonfinite")
 
 
 class Recover(L.LightningModule):
@@ -103,6 +105,9 @@ class Recover(L.LightningModule):
         export: also write the SRe2L image folder as ``png`` (default) or ``jpg`` (the reference's lossy format);
             ``None`` writes none. Pixels are truncated to 8 bits as in the reference.
         log_images_every_n_steps: log a grid of the current job's images to TensorBoard this often (0: never).
+        max_nonfinite: a step whose loss is NaN or inf is skipped (images and Adam state unchanged) and counted
+            (``recover/nonfinite``); after this many such steps in a row the run stops with one line, keeping the
+            finished jobs in ``output/.work`` (resume with ``--ckpt_path last``). As in TrajectoryMatching.
 
     Raises:
         DDKitError: a bad option, a teacher that does not fit ``data_spec``; at fit start, a teacher without BN.
@@ -133,13 +138,14 @@ class Recover(L.LightningModule):
         output: str = "outputs/recover",
         export: str | None = "png",
         log_images_every_n_steps: int = 200,
+        max_nonfinite: int = 5,
     ) -> None:
         super().__init__()
         spec = as_spec(data_spec)
         _check_options(ipc=ipc, batch_size=batch_size, iterations=iterations, lr=lr, betas=betas, eps=eps,
                        r_bn=r_bn, first_bn_multiplier=first_bn_multiplier, jitter=jitter, crop_scale=crop_scale,
                        crop_curriculum=crop_curriculum, curriculum_milestone=curriculum_milestone, method=method,
-                       export=export, log_images_every_n_steps=log_images_every_n_steps)
+                       export=export, log_images_every_n_steps=log_images_every_n_steps, max_nonfinite=max_nonfinite)
         if spec.zca:
             raise DDKitError("data_spec.zca: recovery works in the mean/std-normalized space, got True")
         if teacher is None:
@@ -175,6 +181,8 @@ class Recover(L.LightningModule):
         self._targets: torch.Tensor | None = None
         self._written: list[int] = []
         self._resume: dict[str, Any] | None = None
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss (this rank)
+        self.nonfinite_streak = 0  # of them, the current run in a row
 
     # -- the plan, as the datamodule sees it -------------------------------------------------------------------
 
@@ -250,13 +258,36 @@ class Recover(L.LightningModule):
         ce = F.cross_entropy(logits.float(), self._targets)
         bn = self.bn_matching.loss()
         loss = ce + o.r_bn * bn
-        opt.zero_grad()
-        with self._no_grad_sync():
-            self.manual_backward(loss)
-        opt.step()
-        clamp_to_pixel_range_(self.images, self.spec.mean, self.spec.std)
-        self._after_step(batch, {"ce": ce.detach(), "bn": bn.detach(), "loss": loss.detach(), "lr": lr})
+        if bool(torch.isfinite(loss)):
+            self.nonfinite_streak = 0
+            opt.zero_grad()
+            with self._no_grad_sync():
+                self.manual_backward(loss)
+            opt.step()
+            clamp_to_pixel_range_(self.images, self.spec.mean, self.spec.std)
+        else:
+            self._skip_step(opt, batch, float(loss))
+        self._after_step(batch, {"ce": ce.detach(), "bn": bn.detach(), "loss": loss.detach(), "lr": lr,
+                                 "nonfinite": self.nonfinite_steps})
         return
+
+    def _skip_step(self, opt, batch: JobStep, loss: float) -> None:
+        """A non-finite loss: count it, stop after ``max_nonfinite`` in a row, else leave images and Adam as they
+        were. The optimizer still steps (on a zero gradient, then both are put back) so that Lightning's step count,
+        and with it checkpointing, goes on as for any other step."""
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        check_nonfinite_streak(self.nonfinite_streak, self.hparams.max_nonfinite, "recover loss",
+                               f"steps in a row (up to job {batch.job} step {batch.t})", "lower lr or r_bn",
+                               lambda: f"finished jobs kept in {self.work_dir}", loss)
+        images = self.images.detach().clone()
+        state = copy.deepcopy(opt.optimizer.state_dict())
+        self.images.grad = torch.zeros_like(self.images)
+        opt.step()
+        with torch.no_grad():
+            self.images.copy_(images)
+        opt.optimizer.load_state_dict(state)
+        self.images.grad = None
 
     def on_train_end(self) -> None:
         strategy = self.trainer.strategy
@@ -275,6 +306,8 @@ class Recover(L.LightningModule):
             "optimizer": self.optimizers().optimizer.state_dict() if self._trainer is not None else None,
             "generator": self._generator.get_state() if self._generator is not None else None,
             "written": list(self._written),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_streak": self.nonfinite_streak,
         }
         checkpoint[CKPT_KEY] = {
             "version": 1,
@@ -442,6 +475,8 @@ class Recover(L.LightningModule):
             self._generator = torch.Generator()
             self._generator.set_state(mine["generator"])
         self._written = [int(j) for j in mine["written"]]
+        self.nonfinite_steps = int(mine.get("nonfinite_steps", 0))
+        self.nonfinite_streak = int(mine.get("nonfinite_streak", 0))
         if self._job >= 0:
             job = self.plan.job(self._job)
             self._targets = torch.arange(job.class_start, job.class_start + job.class_count, device=self.device)
@@ -550,7 +585,7 @@ def _check_teacher_fits(teacher_spec: DataSpec, spec: DataSpec, path: str) -> No
 
 
 def _check_options(**o: Any) -> None:
-    for name in ("ipc", "batch_size", "iterations"):
+    for name in ("ipc", "batch_size", "iterations", "max_nonfinite"):
         if not (isinstance(o[name], int) and o[name] > 0):
             raise DDKitError(f"{name}: must be an integer > 0, got {o[name]!r}")
     for name in ("lr", "eps"):

@@ -24,7 +24,7 @@ from ddkit.errors import DDKitError
 from ddkit.formats.common import load_tensors, sha256_file
 from ddkit.formats.distilled import load_distilled
 from ddkit.formats.teacher import TeacherMeta, save_teacher
-from ddkit.modules.recover import CKPT_KEY, Recover, job_seed
+from ddkit.modules.recover import CKPT_KEY, Recover, job_seed, read_shard
 from ddkit.nets import build_net
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,11 +64,11 @@ def teacher_path(tmp_path_factory, spec) -> str:
     return str(path)
 
 
-def _recover(spec, teacher_path, output, **kw) -> Recover:
+def _recover(spec, teacher_path, output, cls=Recover, **kw) -> Recover:
     options = {"ipc": 2, "batch_size": 4, "iterations": 5, "lr": 0.1, "r_bn": 0.01, "jitter": 2, "crop": False,
                "flip": False, "seed": 7, "log_images_every_n_steps": 0}
     options.update(kw)
-    return Recover(spec, teacher=teacher_path, output=str(output), **options)
+    return cls(spec, teacher=teacher_path, output=str(output), **options)
 
 
 def _trainer(tmp_path, callbacks=(), **kw) -> L.Trainer:
@@ -246,6 +246,53 @@ def test_resume_with_other_plan_is_rejected(tmp_path, spec, teacher_path) -> Non
     with pytest.raises(DDKitError, match=r"^iterations: the checkpoint was made with iterations=5; resume with the "
                                          r"same value, got 6$"):
         _fit(other, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
+# --- non-finite guard -----------------------------------------------------------------------------------------
+
+
+class _NaNAt(Recover):
+    """Recover whose teacher input is NaN at the given step numbers (so the step's loss is NaN)."""
+
+    nan_steps: frozenset[int] = frozenset()
+
+    def _augment(self, x, t):
+        x = super()._augment(x, t)
+        return x * float("nan") if self._steps_done in self.nan_steps else x
+
+
+class _Images(L.Callback):
+    """The images after every step."""
+
+    def __init__(self) -> None:
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after.append(pl_module.images.detach().clone())
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, spec, teacher_path) -> None:
+    module = _recover(spec, teacher_path, tmp_path / "out", cls=_NaNAt)
+    module.nan_steps = frozenset({2})
+    images = _Images()
+    _fit(module, tmp_path, callbacks=[images])
+    assert module.nonfinite_steps == 1 and module.nonfinite_streak == 0
+    assert torch.equal(images.after[2], images.after[1])  # the skipped step left the images as they were
+    assert not torch.equal(images.after[3], images.after[2])
+    ds = load_distilled(tmp_path / "out")
+    assert len(ds) == 20 and bool(torch.isfinite(ds.images).all())
+
+
+def test_nonfinite_steps_in_a_row_stop_with_one_line(tmp_path, spec, teacher_path) -> None:
+    module = _recover(spec, teacher_path, tmp_path / "out", cls=_NaNAt, max_nonfinite=3)
+    module.nan_steps = frozenset(range(3, 100))
+    with pytest.raises(DDKitError, match=r"^recover loss: non-finite for 3 steps in a row \(up to job 1 step 0\); "
+                                         r"lower lr or r_bn; finished jobs kept in .*\.work, got nan$"):
+        _fit(module, tmp_path)
+    assert module.nonfinite_steps == 3
+    x, y, _ = read_shard(tmp_path / "out" / ".work", 0)  # job 0 finished on its last good images
+    assert bool(torch.isfinite(x).all()) and y.tolist() == [0, 1, 2, 3]
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 # --- resume --------------------------------------------------------------------------------------------------
