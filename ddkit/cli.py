@@ -7,11 +7,14 @@ traceback instead).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import re
 import shutil
 import sys
 from argparse import ArgumentError
+from collections.abc import Iterator
 from pathlib import Path
 
 # Quieter start-up: these are informational messages that every run would otherwise print.
@@ -35,11 +38,27 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.set_defaults({"checkpoint.save_last": True})
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
 
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+            """Checkpoints (``--ckpt_path``) are read with ``torch.load(weights_only=True)`` only, whatever the
+            torch default or the environment says: a crafted pickle is refused before any of it runs."""
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if "weights_only" in self._subcommand_method_arguments[subcommand]:
+                if kwargs.get("weights_only") is False:
+                    raise DDKitError("weights_only: ddkit reads checkpoints with weights_only=True only, got False")
+                kwargs["weights_only"] = True
+            return kwargs
+
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI reads the checkpoint's hyperparameters here (with weights_only=True)."""
+            with _refused_pickle(self.config):
+                super()._parse_ckpt_path()
+
         def _run_subcommand(self, subcommand: str) -> None:
             """Run it; bad input found before the first step (in a stage's setup) leaves no log folder behind."""
             fresh = _fresh_log_roots(self.trainer)
             try:
-                super()._run_subcommand(subcommand)
+                with _refused_pickle(self.config):
+                    super()._run_subcommand(subcommand)
             except Exception as e:
                 if _ddkit_cause(e) is not None and self.trainer.global_step == 0:
                     for root in fresh:
@@ -61,6 +80,20 @@ def _lightning_cli(args: list[str] | None) -> None:
         args=args,
         parser_kwargs={**no_exit, **{cmd: no_exit for cmd in ("fit", "validate", "test", "predict")}},
     )
+
+
+@contextlib.contextmanager
+def _refused_pickle(config) -> Iterator[None]:
+    """A checkpoint that ``torch.load(weights_only=True)`` refuses (nothing in it has run) as one DDKitError."""
+    from ddkit.formats.common import load_error_reason
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        subcommand = config.get("subcommand")
+        ckpt = config[subcommand].get("ckpt_path") if subcommand else None
+        raise DDKitError(f"ckpt_path: cannot be read with torch.load(weights_only=True) ({load_error_reason(e)}), "
+                         f"got {ckpt!r}") from e
 
 
 def _fresh_log_roots(trainer) -> list[Path]:

@@ -242,7 +242,7 @@ CASES = [
     ("teacher-nan", _with(RECOVER, model__teacher="{teacher_nan}"), "teacher[head.weight]: contains 1 non-finite"),
     ("ssl-checkpoint-missing", _with(PROBE, model__ssl_checkpoint="{root}/nope.ckpt"),
      "ssl_checkpoint: file not found"),
-    ("ssl-checkpoint-corrupt", PROBE, "ssl_checkpoint: cannot be read with weights_only=True"),
+    ("ssl-checkpoint-corrupt", PROBE, "ssl_checkpoint: cannot be read with torch.load(weights_only=True)"),
     ("buffer-missing", _with(MATCHING, data__buffer="{root}/nope"), "buffer: directory not found"),
     ("buffer-param-count", _with(MATCHING, data__buffer="{buffer_params}"),
      "buffer: parameter count 5962 does not match net convnet (2986)"),

@@ -49,6 +49,7 @@ from ddkit.formats.common import (
     atomic_file,
     check_finite,
     load_tensors,
+    load_weights_only,
     read_json,
     save_tensors,
     write_json,
@@ -417,23 +418,7 @@ def _load_reference(file: Path) -> Any:
     """``torch.load(file, weights_only=True)``; anything that is not plain tensors and lists is refused."""
     if not file.is_file():
         raise DDKitError(f"files: file not found, got {str(file)!r}")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (UnpicklingError for forbidden globals, others for corrupt files)
-        raise DDKitError(f"files: cannot load with torch.load(weights_only=True) ({_reason(e)}), "
-                         f"got {str(file)!r}") from None
-
-
-def _reason(e: BaseException) -> str:
-    """One short line from a torch.load error (the WeightsUnpickler line when there is one)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-    lines = [ln for ln in lines if ln]
-    at = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error:" in ln), None)
-    pick = lines[0] if (at is None and lines) else ""
-    if at is not None:
-        pick = lines[at].split("WeightsUnpickler error:")[1].strip() or (lines[at + 1] if at + 1 < len(lines) else "")
-    pick = pick.split(". Please use")[0]
-    return f"{type(e).__name__}: {pick[:160]}" if pick else type(e).__name__
+    return load_weights_only(file, "files")
 
 
 def _flatten_expert(expert: Any, shapes: list[list[int]], where: str) -> Tensor:

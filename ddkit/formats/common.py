@@ -6,10 +6,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -132,6 +134,31 @@ def load_tensors(path: str | os.PathLike, field: str) -> dict[str, torch.Tensor]
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DDKitError(f"{field}: not a valid safetensors file ({str(e).splitlines()[0]}), got {str(path)!r}") from None
+
+
+def load_weights_only(path: str | os.PathLike, field: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, the only way ddkit unpickles anything.
+
+    A file that needs other globals than tensors and plain containers (a crafted payload: refused before any of
+    it runs) or is not a torch file at all is one DDKitError naming ``field`` and the path.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (UnpicklingError for forbidden globals, others for corrupt files)
+        raise DDKitError(f"{field}: cannot be read with torch.load(weights_only=True) ({load_error_reason(e)}), "
+                         f"got {str(path)!r}") from None
+
+
+def load_error_reason(e: BaseException) -> str:
+    """One short line from a torch.load error (the line naming the refused global when there is one)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln]
+    at = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error:" in ln or "GLOBAL" in ln), None)
+    pick = lines[0] if (at is None and lines) else ""
+    if at is not None:
+        pick = lines[at].split("WeightsUnpickler error:")[-1].strip() or (lines[at + 1] if at + 1 < len(lines) else "")
+    pick = pick.split(". Please use")[0]
+    return f"{type(e).__name__}: {pick[:160]}" if pick else type(e).__name__
 
 
 def check_finite(t: torch.Tensor, field: str) -> None:

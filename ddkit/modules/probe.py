@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
-from ddkit.formats.common import check_writable
+from ddkit.formats.common import check_writable, load_weights_only
 from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.modules.ssl import head_keys
 from ddkit.nets import build_net
@@ -54,11 +54,7 @@ def load_ssl_backbone(path: str | os.PathLike, encoder: str = "auto") -> tuple[d
         raise DDKitError(f"ssl_checkpoint: file not found, got {str(path)!r}")
     if encoder not in ENCODERS:
         raise DDKitError(f"encoder: must be one of {', '.join(ENCODERS)}, got {encoder!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickle / zip errors come in many types)
-        raise DDKitError(f"ssl_checkpoint: cannot be read with weights_only=True ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}), got {str(path)!r}") from None
+    ckpt = load_weights_only(path, "ssl_checkpoint")
     if not isinstance(ckpt, dict) or "ddkit_ssl" not in ckpt or "state_dict" not in ckpt:
         raise DDKitError(f"ssl_checkpoint: not a ddkit SSL checkpoint (no ddkit_ssl entry), got {str(path)!r}")
     hp = {**dict(ckpt.get("hyper_parameters", {})), **ckpt["ddkit_ssl"]}

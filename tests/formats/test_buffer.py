@@ -279,7 +279,7 @@ class _Payload:
 def test_import_refuses_a_crafted_pickle_without_running_it(tmp_path):
     marker = tmp_path / "payload_ran"
     torch.save([_Payload(marker)], tmp_path / "replay_buffer_0.pt")
-    with pytest.raises(DDKitError, match=r"files: cannot load with torch.load\(weights_only=True\) "
+    with pytest.raises(DDKitError, match=r"files: cannot be read with torch.load\(weights_only=True\) "
                                          r"\(UnpicklingError: Unsupported global"):
         import_reference_buffer([str(tmp_path / "replay_buffer_0.pt")], str(tmp_path / "out"), "convnet",
                                 NET_KWARGS, SPEC)

@@ -117,7 +117,7 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path, mocov2_ckpt):
     with pytest.raises(DDKitError, match="^ssl_checkpoint: required unless net is given"):
         LinearProbe(data_spec=spec)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DDKitError, match="^ssl_checkpoint: cannot be read with weights_only=True"):
+    with pytest.raises(DDKitError, match=r"^ssl_checkpoint: cannot be read with torch.load\(weights_only=True\)"):
         LinearProbe(data_spec=spec, ssl_checkpoint=str(tmp_path / "junk.ckpt"))
     sup = Classifier(data_spec=spec, net="convnet_bn")
     trainer = quiet_trainer(max_steps=1)
