@@ -38,6 +38,14 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.set_defaults({"checkpoint.save_last": True})
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
 
+        def instantiate_trainer(self, **kwargs):
+            """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState)."""
+            from ddkit.callbacks.rng_state import GlobalRNGState
+
+            trainer = super().instantiate_trainer(**kwargs)
+            trainer.callbacks.append(GlobalRNGState())
+            return trainer
+
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             """Checkpoints (``--ckpt_path``) are read with ``torch.load(weights_only=True)`` only, whatever the
             torch default or the environment says: a crafted pickle is refused before any of it runs."""
