@@ -39,11 +39,23 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
 
         def instantiate_trainer(self, **kwargs):
-            """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState)."""
+            """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState).
+
+            Without a configured progress bar, Lightning's default is Rich's, which redraws on every step: a few ms
+            of CPU per step, 10-15 % of a small recovery step (benchmarks/recover_speed.py). tqdm redraws at most
+            10 times a second, so it is the default here.
+            """
+            from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
             from ddkit.callbacks.rng_state import GlobalRNGState
 
             trainer = super().instantiate_trainer(**kwargs)
             trainer.callbacks.append(GlobalRNGState())
+            configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            bar = trainer.progress_bar_callback
+            if isinstance(bar, RichProgressBar) and not any(c is bar for c in configured):
+                trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
             return trainer
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:

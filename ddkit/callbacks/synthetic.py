@@ -93,7 +93,11 @@ class PeriodicEvaluation(pl.Callback):
         net: evaluation architecture; ``None``: the module's ``evaluation_net()`` (the experts' net for matching).
         net_kwargs: its options (used with ``net``).
         best_dir: where the best set goes; ``None``: ``<module.hparams.output>/best``.
+        at_start: also evaluate the initial set (iteration 0) when a fresh run starts: the baseline the learned set
+            must beat, and a candidate for the best set.
         at_end: also evaluate the final set when fit ends (unless it was just evaluated).
+        snapshots: also write every evaluated set to ``<best_dir>/../snapshots/iter_<iteration>`` (six digits), e.g.
+            to test each of them afterwards for a curve of test accuracy against iterations.
         log_images: log the image grid at every evaluation.
         images_per_class: images per class in the grid.
         precision: precision of the evaluation runs.
@@ -113,7 +117,9 @@ class PeriodicEvaluation(pl.Callback):
         net: str | None = None,
         net_kwargs: dict[str, Any] | None = None,
         best_dir: str | None = None,
+        at_start: bool = False,
         at_end: bool = True,
+        snapshots: bool = False,
         log_images: bool = True,
         images_per_class: int = 10,
         precision: str = "32-true",
@@ -136,7 +142,9 @@ class PeriodicEvaluation(pl.Callback):
         self.net = net
         self.net_kwargs = dict(net_kwargs or {})
         self.best_dir = best_dir
+        self.at_start = at_start
         self.at_end = at_end
+        self.snapshots = snapshots
         self.log_images = log_images
         self.images_per_class = images_per_class
         self.precision = precision
@@ -164,6 +172,10 @@ class PeriodicEvaluation(pl.Callback):
         if getattr(data, "val_set", None) is None:
             raise DDKitError("data.val_split: PeriodicEvaluation scores sets on a validation split carved from the "
                              "training set (never the test split); set val_split > 0, got 0")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_start and int(pl_module.iteration) == 0 and self.last_evaluated != 0:
+            self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -226,6 +238,8 @@ class PeriodicEvaluation(pl.Callback):
         if improved:
             ds.extra = {**ds.extra, "val_acc": acc, "val_epochs": self.epochs}
             save_distilled(ds, self.best_path(pl_module))
+        if self.snapshots:
+            save_distilled(ds, self.snapshot_path(pl_module, it))
         for logger in trainer.loggers:
             logger.log_metrics({"val/acc": acc, "val/best_acc": self.best_acc}, step=it)
         if self.log_images:
@@ -240,3 +254,6 @@ class PeriodicEvaluation(pl.Callback):
             raise DDKitError(f"best_dir: the module has no output directory; set PeriodicEvaluation.best_dir, "
                              f"got {type(pl_module).__name__}")
         return Path(output) / "best"
+
+    def snapshot_path(self, pl_module: pl.LightningModule, iteration: int) -> Path:
+        return self.best_path(pl_module).parent / "snapshots" / f"iter_{iteration:06d}"

@@ -204,6 +204,10 @@ class Recover(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return [BNStatisticsMatching(first_bn_multiplier=self.hparams.first_bn_multiplier)]
 
+    def transfer_batch_to_device(self, batch: JobStep, device: torch.device, dataloader_idx: int) -> JobStep:
+        """A step's batch is a few Python ints: nothing to move (skips Lightning's per-step collection walk)."""
+        return batch
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         return torch.optim.Adam([self.images], lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)

@@ -254,7 +254,8 @@ def _reverse_sweep(p: _Problem, exact: bool) -> MatchingResult:
     grad_alpha = torch.zeros_like(alpha)
     for step in reversed(range(len(p.loop.batches))):
         idx = p.loop.batches[step]
-        s, s_theta, s_x, s_y = _step_vjp(p, step, thetas[step], lam, with_theta=exact)
+        # lam is not needed below step 0: skip its Hessian-vector product there.
+        s, s_theta, s_x, s_y = _step_vjp(p, step, thetas[step], lam, with_theta=exact and step > 0)
         grad_images.index_add_(0, idx, -alpha * s_x)
         if grad_labels is not None:
             grad_labels.index_add_(0, idx, -alpha * s_y)

@@ -68,6 +68,19 @@ def test_evaluates_on_the_validation_split_and_keeps_the_best_set(buffer_dir, tm
             "matching/threshold_skips"} <= set(events.Tags()["scalars"])
 
 
+def test_at_start_evaluates_the_initial_set_and_snapshots_keep_every_evaluated_set(buffer_dir, tmp_path):
+    callback = PeriodicEvaluation(eval_every=2, epochs=2, at_start=True, snapshots=True)
+    m, _, _ = fit(buffer_dir, tmp_path, callback, steps=3)
+    assert [it for it, _ in callback.history] == [0, 2, 3]
+    snapshots = sorted(p.name for p in (tmp_path / "out" / "snapshots").iterdir())
+    assert snapshots == ["iter_000000", "iter_000002", "iter_000003"]
+    initial = load_distilled(tmp_path / "out" / "snapshots" / "iter_000000")
+    final = load_distilled(tmp_path / "out" / "snapshots" / "iter_000003")
+    assert initial.extra["iteration"] == 0 and final.extra["iteration"] == 3
+    assert not torch.equal(initial.images, final.images)  # the initial set, before any update
+    torch.testing.assert_close(final.images, m.images.detach().float().cpu())
+
+
 def test_needs_a_validation_split(buffer_dir, tmp_path):
     with pytest.raises(DDKitError, match="data.val_split: PeriodicEvaluation scores sets on a validation split"):
         fit(buffer_dir, tmp_path, PeriodicEvaluation(eval_every=1, epochs=1), steps=1, val_split=0)
