@@ -233,6 +233,37 @@ def test_benchmark_writers_on_a_fake_document(tmp_path):
     assert "| DATM (ddkit) | `soft` | not run | 85.1 ± 0.4 |" in text and text.endswith("## Next\n")
 
 
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matching_benchmark_tests_a_snapshot_exactly_as_the_best_set(tmp_path):
+    d = load_benchmark("datm_fmnist")
+    cell = Stage("eval_datm_ipc10_soft", ("evaluate", "--distilled", '["r/datm/distill_ipc10/best"]', "--protocols",
+                                          "[soft]", "--seeds", "3", "--output", "r/eval/datm_ipc10_soft"),
+                 ("r/eval/datm_ipc10_soft",), ("r/datm/distill_ipc10/best",), (), "evaluate", "datm", 10)
+    s = d.snapshot_stage(cell, Path("r/datm/distill_ipc10/snapshots/iter_000200"), "r")
+    assert s.name == "eval_datm_ipc10_soft_iter_000200" and s.outputs == ("r/eval/datm_ipc10_soft_snapshots/iter_000200",)
+    assert s.argv == ("evaluate", "--distilled", '["r/datm/distill_ipc10/snapshots/iter_000200"]', "--protocols",
+                      "[soft]", "--seeds", "3", "--output", "r/eval/datm_ipc10_soft_snapshots/iter_000200")
+    assert s.inputs == ("r/datm/distill_ipc10/snapshots/iter_000200",) and s.method == "datm" and s.ipc == 10
+
+
+def test_recover_speed_summary_is_the_median_of_per_repeat_ratios():
+    r = load_benchmark("recover_speed")
+    runs = {"ddkit": [{"cpu": 0.011, "wall": 0.03}, {"cpu": 0.024, "wall": 0.02}, {"cpu": 0.013, "wall": 0.02}],
+            "plain": [{"cpu": 0.010, "wall": 0.02}, {"cpu": 0.020, "wall": 0.02}, {"cpu": 0.010, "wall": 0.01}],
+            "ddkit_quiet": [{"cpu": 0.010, "wall": 0.02}, {"cpu": 0.020, "wall": 0.02}, {"cpu": 0.010, "wall": 0.01}]}
+    s = r.summarise(runs)
+    assert s["ratios"] == [1.1, 1.2, 1.3] and s["median_ratio"] == 1.2  # not 0.048 / 0.040 of the sums
+    assert s["median_quiet_ratio"] == 1.0 and s["median_wall_ratio"] == 1.5
+    assert s["median_ddkit_ms"] == 13.0 and s["median_plain_ms"] == 10.0
+    assert s["plain_cpu_ms_per_step"] == [10.0, 20.0, 10.0]
+
+
 def test_a_signal_during_a_stage_stops_the_session_without_a_stamp(chain):
     """Lightning swallows a KeyboardInterrupt inside fit and returns normally; the driver must still notice."""
     import os
