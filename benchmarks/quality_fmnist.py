@@ -298,8 +298,9 @@ def others_section(results: Path) -> str:
         lines += ["", ("| setting | ddkit CPU ms/step (median) | plain CPU ms/step (median) | ratio (CPU time) | "
                        "ratio, no logger / progress bar | ratio (wall time) | command |"), "|---|---|---|---|---|---|---|"]
         for name, r in rec["results"].items():
-            lines.append(f"| {name} | {r['median_ddkit_ms']} | {r['median_plain_ms']} | {r['median_ratio']} | "
-                         f"{r['median_quiet_ratio']} | {r['median_wall_ratio']} | `{r['command']}` |")
+            cells = [r.get(k, "not measured") for k in ("median_ddkit_ms", "median_plain_ms", "median_ratio",
+                                                         "median_quiet_ratio", "median_wall_ratio")]
+            lines.append(f"| {name} | {' | '.join(map(str, cells))} | `{r.get('command', rec['command'])}` |")
         if rec.get("note"):
             lines += ["", rec["note"]]
     else:
