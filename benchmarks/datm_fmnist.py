@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from quality_fmnist import RESULTS, make_plan
 
 from ddkit.formats.common import write_json
-from ddkit.pipelines import OWN_PROTOCOL, Stage, build_plan, is_cached, read_stamp, run_stages, run_subprocess
+from ddkit.pipelines import OWN_PROTOCOL, Stage, build_plan, is_cached, made_in, run_stages, run_subprocess
 
 # Issue 7's bars: DATM (soft) >= random (soft) + 6 and >= its initialisation + 2; MTT (hard) > random (hard).
 DATM_OVER_RANDOM, DATM_OVER_INIT = 6.0, 2.0
@@ -62,12 +62,7 @@ def report(stage: Stage) -> dict[str, Any] | None:
     r = rep["results"][0]
     return {"mean": round(100 * r["mean"], 2), "std": round(100 * r["std"], 2),
             "accuracies": [round(100 * a, 2) for a in r["accuracies"]], "seeds": rep["seeds"],
-            "wall_time_s": (read_stamp(stage) or {}).get("wall_time_s"), "command": stage.command()}
-
-
-def made_in(stage: Stage, what: str = "wall_time_s") -> float | None:
-    """The stamp's wall time (or ``cpu_s``: user + sys CPU time) of a cached stage, else None."""
-    return (read_stamp(stage) or {}).get(what) if is_cached(stage) else None
+            "wall_time_s": made_in(stage), "command": stage.command()}
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:

@@ -632,6 +632,13 @@ def build_plan(plan: Plan) -> Built:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def made_in(stage: Stage, what: str = "wall_time_s") -> float | None:
+    """The stamp's wall time (or ``cpu_s``: user + sys CPU time) of a valid cached artifact, else None."""
+    if not is_cached(stage):
+        return None
+    return (read_stamp(stage) or {}).get(what)
+
+
 def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) -> dict[str, Any]:
     """Gather every cell of the plan's grid from the cache: a cell is ``done`` when its evaluation's report exists
     and its stamp matches the current command, configs and inputs; otherwise ``not run`` (or ``failed`` /
@@ -639,12 +646,6 @@ def collect(built: Built, plan: Plan, results: list[StageResult] | None = None) 
     """
     by_name = {r.name: r for r in results or []}
     stage_by_name = {s.name: s for s in built.stages}
-
-    def made_in(stage: Stage, what: str = "wall_time_s") -> float | None:
-        """The stamp's wall (or ``cpu_s``) time of a valid cached artifact, else None."""
-        if not is_cached(stage):
-            return None
-        return (read_stamp(stage) or {}).get(what)
 
     def total(stages: list[Stage], what: str) -> float | None:
         times = [made_in(s, what) for s in stages]
