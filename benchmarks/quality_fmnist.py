@@ -336,6 +336,25 @@ def others_section(results: Path) -> str:
                 f"{r.get('pretrain_seconds')} s | `{r['command']}` |")
     else:
         lines.append("No committed results yet (`benchmarks/results/ssl_fmnist_*.json`).")
+    lines += ["", "### DATM / MTT on Fashion-MNIST against iterations, `benchmarks/datm_fmnist.py`", ""]
+    matching = sorted(p for p in results.glob("matching_fmnist_ipc*.json") if p.name in tracked)
+    if matching:
+        lines += ["| file | method | protocol | initial set | best set | random subset | chain wall (CPU) min |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in matching:
+            doc = json.loads(p.read_text())
+            for m, rec in doc["methods"].items():
+                cells = [rec["initial"], rec["best"], doc["random"].get(rec["protocol"])]
+                acc = [f"{c['mean']:.2f} ± {c['std']:.2f}" if c else "not run" for c in cells]
+                chain = " / ".join("—" if s is None else f"{s / 60:.1f}"
+                                   for s in (rec["chain_wall_time_s"], rec["chain_cpu_s"]))
+                lines.append(f"| [{p.name}](benchmarks/results/{p.name}) | {m.upper()} (IPC {doc['ipc']}) | "
+                             f"`{rec['protocol']}` | {' | '.join(acc)} | {chain} |")
+            if p.with_suffix(".png").name in tracked:
+                lines += ["", f"![test accuracy against iterations](benchmarks/results/{p.with_suffix('.png').name})"]
+        lines += ["", "Command: `python benchmarks/datm_fmnist.py` (initial set = the iteration-0 snapshot)."]
+    else:
+        lines.append("No committed results yet (`benchmarks/results/matching_fmnist_ipc*.json`).")
     reports = sorted(p for p in results.glob("*.json") if p.name in tracked and p.name not in KNOWN)
     reports = [p for p in reports if {"results", "protocols", "net"} <= set(json.loads(p.read_text()))]
     lines += ["", "### Single `ddkit evaluate` reports", ""]
