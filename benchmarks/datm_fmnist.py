@@ -43,7 +43,7 @@ from ddkit.pipelines import OWN_PROTOCOL, Stage, build_plan, is_cached, made_in,
 DATM_OVER_RANDOM, DATM_OVER_INIT = 6.0, 2.0
 
 
-def snapshot_stage(cell: Stage, snapshot: Path, root: str) -> Stage:
+def snapshot_stage(cell: Stage, snapshot: Path) -> Stage:
     """The evaluation ``cell`` (a best set under its protocol) with the set replaced by ``snapshot``."""
     argv = list(cell.argv)
     argv[argv.index("--distilled") + 1] = json.dumps([str(snapshot)])
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.methods:
         snap_dir = Path(built.sets[(m, args.ipc)]).parent / "snapshots"
         snaps = sorted(snap_dir.iterdir()) if snap_dir.is_dir() else []
-        snapshot_stages[m] = [snapshot_stage(cells[(m, args.ipc, OWN_PROTOCOL[m])], s, args.root) for s in snaps]
+        snapshot_stages[m] = [snapshot_stage(cells[(m, args.ipc, OWN_PROTOCOL[m])], s) for s in snaps]
     if not args.table_only:
         todo = [s for ss in snapshot_stages.values() for s in ss]
         failed |= any(r.status in ("failed", "blocked") for r in run_stages(todo, args.root, run_subprocess))

@@ -245,7 +245,7 @@ def test_matching_benchmark_tests_a_snapshot_exactly_as_the_best_set(tmp_path):
     cell = Stage("eval_datm_ipc10_soft", ("evaluate", "--distilled", '["r/datm/distill_ipc10/best"]', "--protocols",
                                           "[soft]", "--seeds", "3", "--output", "r/eval/datm_ipc10_soft"),
                  ("r/eval/datm_ipc10_soft",), ("r/datm/distill_ipc10/best",), (), "evaluate", "datm", 10)
-    s = d.snapshot_stage(cell, Path("r/datm/distill_ipc10/snapshots/iter_000200"), "r")
+    s = d.snapshot_stage(cell, Path("r/datm/distill_ipc10/snapshots/iter_000200"))
     assert s.name == "eval_datm_ipc10_soft_iter_000200" and s.outputs == ("r/eval/datm_ipc10_soft_snapshots/iter_000200",)
     assert s.argv == ("evaluate", "--distilled", '["r/datm/distill_ipc10/snapshots/iter_000200"]', "--protocols",
                       "[soft]", "--seeds", "3", "--output", "r/eval/datm_ipc10_soft_snapshots/iter_000200")
