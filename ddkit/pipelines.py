@@ -441,7 +441,7 @@ class Plan:
         ipcs: images per class.
         protocols: evaluation protocols (``hard``, ``soft``, ``kd``).
         own_protocol_only: evaluate each set only under its own method's protocol (:data:`OWN_PROTOCOL`).
-        full: run the full-data reference (the classifier config).
+        full: run the full-data reference (the classifier config with the evaluation net).
         seeds: networks per evaluation cell.
         eval_net_kwargs: the evaluation ConvNet's options.
         eval_epochs: epochs of every protocol (None: each protocol's default).
@@ -622,7 +622,9 @@ def build_plan(plan: Plan) -> Built:
             stages[s.name] = s
             cells[(m, k, p)] = s
     if plan.full:  # independent of everything else; last, as it is the longest single stage on Fashion-MNIST
-        fit("full", "reference", "full", f"{C}/classifier.yaml", ["--checkpoint.dirpath", f"{R}/full/checkpoints"],
+        # The evaluation's net, so that the reference is the ceiling of the same student.
+        fit("full", "reference", "full", f"{C}/classifier.yaml",
+            ["--model.init_args.net_kwargs", net_kwargs, "--checkpoint.dirpath", f"{R}/full/checkpoints"],
             [f"{R}/full/metrics.json"], clean=[f"{R}/full/checkpoints"], metrics=f"{R}/full/metrics.json")
     return Built(list(stages.values()), cells, sets, teachers)
 

@@ -135,7 +135,8 @@ def _load_cifar(name: str, root: str | None, download: bool) -> tuple:
 
 
 def _to_float(x: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+    # One copy, straight to float32: the source may be a read-only memory map.
+    t = torch.from_numpy(np.array(x, dtype=np.float32)).div_(255.0)
     return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 

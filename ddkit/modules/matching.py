@@ -221,6 +221,10 @@ class TrajectoryMatching(L.LightningModule):
         threshold: (DATM) skip the update when the matching loss exceeds it; ``None``: never skip.
         engine: gradient engine: ``adjoint`` (exact, memory independent of ``syn_steps``), ``unroll`` (exact, the
             references' full unroll) or ``tesla`` (approximate, constant memory).
+        graph_window: (``adjoint``) the last ``graph_window`` inner steps keep their graphs, as ``unroll`` does, and
+            only the steps before them are recomputed: memory of that many steps' activations (not ``syn_steps``),
+            time close to ``unroll``'s (benchmarks/results/matching_memory.md). 0: every step is recomputed, the
+            least memory.
         pix_init: ``samples_predicted_correctly`` (real images the last-epoch experts classify correctly; DATM's
             default), ``real`` (random real images) or ``noise`` (standard Gaussian in the input space).
         label_experts: (DATM) experts whose correct predictions are averaged into the initial label logits;
@@ -257,6 +261,7 @@ class TrajectoryMatching(L.LightningModule):
         momentum_y: float = 0.9,
         threshold: float | None = 1.0,
         engine: str = "adjoint",
+        graph_window: int = 10,
         pix_init: str = "samples_predicted_correctly",
         label_experts: int | None = None,
         dsa: bool = True,
@@ -278,6 +283,8 @@ class TrajectoryMatching(L.LightningModule):
                 raise DDKitError(f"{name}: must be > 0, got {value!r}")
         if batch_syn is not None and batch_syn <= 0:
             raise DDKitError(f"batch_syn: must be > 0 (or null for the whole set), got {batch_syn!r}")
+        if graph_window < 0:
+            raise DDKitError(f"graph_window: must be >= 0, got {graph_window!r}")
         for name, value in (("lr_img", lr_img), ("lr_lr", lr_lr), ("lr_y", lr_y), ("lr_teacher", lr_teacher)):
             if not (value > 0 and math.isfinite(value)):
                 raise DDKitError(f"{name}: must be a finite number > 0, got {value!r}")
@@ -483,7 +490,8 @@ class TrajectoryMatching(L.LightningModule):
         target = self.buffer.params(segment.expert, segment.start_epoch + self.hparams.expert_epochs).to(device, dtype)
         labels = self.label_logits if self.datm else self.labels
         return matching_gradients(self.hparams.engine, self._forward, theta0, target, self.images, labels,
-                                  self.step_size, segment.loop, _dsa_augment if self.hparams.dsa else None)
+                                  self.step_size, segment.loop, _dsa_augment if self.hparams.dsa else None,
+                                  self.hparams.graph_window)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1

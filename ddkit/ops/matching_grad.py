@@ -13,7 +13,8 @@ and measures ``L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` against the
   activation memory grows linearly with ``N``.
 - ``tesla``: TESLA's constant-memory approximation [3]. Exact only for ``N = 1`` (biased otherwise).
 - ``adjoint``: the reverse-mode adjoint recursion, recomputing one step at a time. Exact (equal to ``unroll``
-  up to rounding) with TESLA's memory profile.
+  up to rounding) with TESLA's memory profile; ``graph_window`` > 0 keeps the last steps' graphs instead of
+  recomputing them (memory of that many steps, whatever ``N``; less time).
 
 The engines need each inner step to be recomputable: the same indices, the same augmentation draw (``augment``
 is called with the step's seed and must be deterministic given it) and no stateful layers (instance/group norm
@@ -178,6 +179,7 @@ class _Problem:
     step_size: Tensor
     loop: InnerLoop
     augment: Augment | None
+    graph_window: int = 0
 
     @property
     def soft(self) -> bool:
@@ -198,24 +200,40 @@ class _Problem:
         return (theta_n - self.target).square().sum() / (self.theta0 - self.target).square().sum()
 
 
-def _unroll(p: _Problem) -> MatchingResult:
-    """Full unroll (MTT/DATM): keep every step's graph, one backward of ``L`` through all of them."""
+def _unrolled_tail(p: _Problem, first: int, theta: Tensor) -> tuple[Tensor | None, MatchingResult]:
+    """Steps ``first .. N-1`` from ``theta = theta_first`` with every graph kept, then one backward of ``L``.
+
+    Returns:
+        ``dL/dtheta_first`` (``None`` when ``first`` is 0: nothing is left to walk back) and ``L`` with the
+        gradients these steps give.
+    """
     images, step_size = p.images.clone().requires_grad_(), p.step_size.clone().requires_grad_()
     labels = p.labels.clone().requires_grad_(p.soft)
-    theta = p.theta0.clone().requires_grad_()
-    for step, idx in enumerate(p.loop.batches):
+    start = theta = theta.detach().clone().requires_grad_()
+    for step in range(first, len(p.loop.batches)):
+        idx = p.loop.batches[step]
         theta = theta - step_size * p.inner_grad(step, theta, images[idx], labels[idx], create_graph=True)
     loss = p.loss(theta)
-    grads = torch.autograd.grad(loss, [images, step_size, *([labels] if p.soft else [])])
-    return MatchingResult(loss.detach(), grads[0], grads[2] if p.soft else None, grads[1])
+    wrt = [images, step_size, *([labels] if p.soft else []), *([start] if first > 0 else [])]
+    # With no step left (first == N), L does not depend on the images: their gradient is zero here.
+    grads = list(torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True))
+    lam = grads.pop() if first > 0 else None
+    result = MatchingResult(loss.detach(), grads[0], grads[2] if p.soft else None, grads[1])
+    return lam, result
 
 
-def _trajectory(p: _Problem) -> list[Tensor]:
-    """Pass 1 of TESLA and the adjoint: ``[theta_0, ..., theta_N]`` (detached), one step's graph at a time."""
+def _unroll(p: _Problem) -> MatchingResult:
+    """Full unroll (MTT/DATM): keep every step's graph, one backward of ``L`` through all of them."""
+    return _unrolled_tail(p, 0, p.theta0)[1]
+
+
+def _trajectory(p: _Problem, steps: int) -> list[Tensor]:
+    """Pass 1 of TESLA and the adjoint: ``[theta_0, ..., theta_steps]`` (detached), one step's graph at a time."""
     thetas = [p.theta0]
-    for step, idx in enumerate(p.loop.batches):
+    for step in range(steps):
         theta = thetas[-1].detach().requires_grad_()
-        g = p.inner_grad(step, theta, p.images[idx], p.labels[idx], create_graph=False)
+        g = p.inner_grad(step, theta, p.images[p.loop.batches[step]], p.labels[p.loop.batches[step]],
+                         create_graph=False)
         thetas.append(thetas[-1] - p.step_size * g)
     return thetas
 
@@ -239,30 +257,25 @@ def _step_vjp(
     return s.detach(), s_theta, grads[0], grads[1] if p.soft else None
 
 
-def _reverse_sweep(p: _Problem, exact: bool) -> MatchingResult:
-    """Pass 1 without graph, then steps ``N-1 .. 0`` recomputed one at a time.
+def _walk_back(p: _Problem, thetas: list[Tensor], lam: Tensor, into: MatchingResult, exact: bool) -> MatchingResult:
+    """Steps ``len(thetas) - 2 .. 0``, recomputed one at a time, starting from ``lam = dL/dtheta_{len(thetas)-1}``.
 
-    With ``lam = dL/dtheta_{i+1}`` and ``s = <lam, g_i>``, step ``i`` adds ``-alpha * ds/dX`` to
-    ``grad_X[idx_i]``, ``-alpha * ds/dY`` to ``grad_Y[idx_i]`` and ``-s`` to ``grad_alpha``. If ``exact``,
-    ``lam <- lam - alpha * ds/dtheta = (I - alpha H_i) lam`` (the adjoint); otherwise ``lam`` stays at
-    ``lam_N = 2 (theta_N - theta*) / ||theta_0 - theta*||^2`` (TESLA).
+    With ``s = <lam, g_i>``, step ``i`` adds ``-alpha * ds/dX`` to ``grad_X[idx_i]``, ``-alpha * ds/dY`` to
+    ``grad_Y[idx_i]`` and ``-s`` to ``grad_alpha`` of ``into`` (in place). If ``exact``,
+    ``lam <- lam - alpha * ds/dtheta = (I - alpha H_i) lam`` (the adjoint); otherwise ``lam`` stays (TESLA).
     """
-    thetas, alpha = _trajectory(p), p.step_size
-    lam = 2 * (thetas[-1] - p.target) / (p.theta0 - p.target).square().sum()
-    grad_images = torch.zeros_like(p.images)
-    grad_labels = torch.zeros_like(p.labels) if p.soft else None
-    grad_alpha = torch.zeros_like(alpha)
-    for step in reversed(range(len(p.loop.batches))):
+    alpha = p.step_size
+    for step in reversed(range(len(thetas) - 1)):
         idx = p.loop.batches[step]
         # lam is not needed below step 0: skip its Hessian-vector product there.
         s, s_theta, s_x, s_y = _step_vjp(p, step, thetas[step], lam, with_theta=exact and step > 0)
-        grad_images.index_add_(0, idx, -alpha * s_x)
-        if grad_labels is not None:
-            grad_labels.index_add_(0, idx, -alpha * s_y)
-        grad_alpha -= s
+        into.grad_images.index_add_(0, idx, -alpha * s_x)
+        if into.grad_labels is not None:
+            into.grad_labels.index_add_(0, idx, -alpha * s_y)
+        into.grad_step_size -= s
         if s_theta is not None:
             lam = lam - alpha * s_theta
-    return MatchingResult(p.loss(thetas[-1]), grad_images, grad_labels, grad_alpha)
+    return into
 
 
 def _tesla(p: _Problem) -> MatchingResult:
@@ -273,16 +286,24 @@ def _tesla(p: _Problem) -> MatchingResult:
     ``G = sum_i g_i`` constant. The loss value is exact; the gradients are exact only for one inner step (or
     vanishing loss Hessians) and drift from ``unroll`` as ``N * alpha * ||H||`` grows.
     """
-    return _reverse_sweep(p, exact=False)
+    thetas = _trajectory(p, len(p.loop.batches))
+    lam, result = _unrolled_tail(p, len(p.loop.batches), thetas[-1])
+    return _walk_back(p, thetas, lam, result, exact=False)
 
 
 def _adjoint(p: _Problem) -> MatchingResult:
     """Exact reverse-mode adjoint: ``unroll``'s gradient with activation memory independent of ``N``.
 
-    Stores ``theta_0 .. theta_N`` (``(N + 1) * P`` floats) and holds one step's graph at a time; one
-    double-backward per step gives the Hessian-vector product that carries ``lam`` back one step.
+    The last ``p.graph_window`` steps run as in ``unroll`` (graphs kept, one backward gives ``dL/dtheta`` at the
+    window's start); the steps before it store only ``theta_0 .. theta_{N-W}`` (``P`` floats each) and are walked
+    back one at a time, recomputing each step's graph and carrying ``lam`` back with one double-backward
+    (a Hessian-vector product) per step. Memory: ``W`` steps' graphs, whatever ``N``; time: unroll's for
+    ``N <= W``, plus one graph-free forward/backward per step before the window.
     """
-    return _reverse_sweep(p, exact=True)
+    head = max(len(p.loop.batches) - p.graph_window, 0)
+    thetas = _trajectory(p, head)
+    lam, result = _unrolled_tail(p, head, thetas[-1])
+    return result if lam is None else _walk_back(p, thetas, lam, result, exact=True)
 
 
 _ENGINE_FNS: dict[str, Callable[[_Problem], MatchingResult]] = {
@@ -342,6 +363,7 @@ def matching_gradients(
     step_size: Tensor,
     loop: InnerLoop,
     augment: Augment | None,
+    graph_window: int = 0,
 ) -> MatchingResult:
     """Trajectory-matching loss and its gradients w.r.t. images, label logits and step size.
 
@@ -360,6 +382,9 @@ def matching_gradients(
         loop: per-step batch indices and augmentation seeds.
         augment: ``augment(x_batch, seed)``, deterministic given the seed (e.g. DSA with
             ``seeded_generator(seed)``), or ``None`` exactly when ``loop.aug_seeds`` is ``None``.
+        graph_window: (``adjoint``) the last ``graph_window`` inner steps keep their graphs as in ``unroll``; only
+            the steps before them are recomputed. More memory (that many steps' activations, whatever the number
+            of steps), less time; 0: every step is recomputed.
 
     Returns:
         ``MatchingResult`` with the loss and gradients (``grad_labels`` is ``None`` for hard labels).
@@ -368,6 +393,7 @@ def matching_gradients(
         DDKitError: for an unknown ``engine`` or inconsistent inputs.
     """
     check(engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}", engine)
+    check(graph_window >= 0, "graph_window", "must be >= 0", graph_window)
     _check_inputs(theta0, target, images, labels, step_size, loop, augment)
     device = images.device
     problem = _Problem(
@@ -375,6 +401,7 @@ def matching_gradients(
         *(t.detach() for t in (theta0, target, images, labels, step_size)),
         InnerLoop([idx.to(device) for idx in loop.batches], loop.aug_seeds),
         augment,
+        graph_window,
     )
     with torch.enable_grad():
         return _ENGINE_FNS[engine](problem)

@@ -400,6 +400,7 @@ def test_nonfinite_losses_are_skipped_then_stop(buffer_dir, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"ipc": 0}, "ipc: must be > 0, got 0"),
     ({"batch_syn": 0}, "batch_syn: must be > 0"),
+    ({"graph_window": -1}, "graph_window: must be >= 0, got -1"),
     ({"syn_steps": -1}, "syn_steps: must be > 0, got -1"),
     ({"lr_img": 0.0}, "lr_img: must be a finite number > 0, got 0.0"),
     ({"lr_lr": -1e-5}, "lr_lr: must be a finite number > 0"),

@@ -83,22 +83,25 @@ def _problem(soft: bool, seed: int = 0) -> dict:
     }
 
 
-def _run(engine: str, problem: dict, steps: int, augment: str) -> MatchingResult:
+def _run(engine: str, problem: dict, steps: int, augment: str, graph_window: int = 0) -> MatchingResult:
     fn = AUGMENTS[augment]
     loop = InnerLoop(_batches(steps), None if fn is None else [1000 + i for i in range(steps)])
-    return matching_gradients(engine, **problem, loop=loop, augment=fn)
+    return matching_gradients(engine, **problem, loop=loop, augment=fn, graph_window=graph_window)
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("graph_window", [0, 3], ids=["window0", "window3"])
 @pytest.mark.parametrize("augment", sorted(AUGMENTS))
 @pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
 @pytest.mark.parametrize("steps", [1, 5, 20])
-def test_adjoint_equals_unroll(steps: int, soft: bool, augment: str) -> None:
+def test_adjoint_equals_unroll(steps: int, soft: bool, augment: str, graph_window: int) -> None:
+    """Pure adjoint (every step recomputed) and with a 3-step graph window (all of 1 step, part of 5 and 20)."""
     problem = _problem(soft)
-    ref, adj = _run("unroll", problem, steps, augment), _run("adjoint", problem, steps, augment)
+    ref = _run("unroll", problem, steps, augment)
+    adj = _run("adjoint", problem, steps, augment, graph_window)
     assert _rel(adj.loss, ref.loss) <= 1e-12
     assert _rel(adj.grad_images, ref.grad_images) <= 1e-10
     assert _rel(adj.grad_step_size, ref.grad_step_size) <= 1e-10
@@ -229,3 +232,5 @@ def test_unknown_engine_and_bad_inputs() -> None:
         matching_gradients("adjoint", **problem, loop=InnerLoop([], None), augment=None)
     with pytest.raises(DDKitError, match="^labels: "):
         matching_gradients("adjoint", **{**problem, "labels": problem["labels"][:4]}, loop=loop, augment=None)
+    with pytest.raises(DDKitError, match="^graph_window: must be >= 0, got -1$"):
+        matching_gradients("adjoint", **problem, loop=loop, augment=None, graph_window=-1)
