@@ -3,7 +3,7 @@
 The same stage table as benchmarks/quality_fmnist.py (:mod:`ddkit.pipelines`), on digits with fewer epochs / steps /
 iterations (the reductions are the ``extra`` overrides below, printed with every command):
 
-- full-data reference: the supervised ConvNet of ``configs/digits/classifier.yaml``;
+- full-data reference: ``configs/digits/classifier.yaml`` with the evaluation ConvNet;
 - SRe2L: supervised BN teacher (``sre2l/squeeze``) -> recover -> relabel;
 - SC-DD: MoCo v2 pretraining -> linear probe (the teacher) -> recover -> relabel;
 - MTT and DATM: expert buffer -> trajectory matching;
@@ -70,8 +70,8 @@ def summary(doc: dict) -> str:
     lines.append(results_table(doc, protocols=plan_protocols))
     full = doc.get("full_data") or {}
     if full.get("status") == "done":
-        lines.append(f"Full data (configs/digits/classifier.yaml, {full['epochs']} epochs, 1 run): "
-                     f"{100 * full['accuracy']:.1f} %.")
+        lines.append(f"Full data (configs/digits/classifier.yaml with the evaluation net, {full['epochs']} epochs, "
+                     f"1 run): {100 * full['accuracy']:.1f} %.")
     for name, rec in doc["teachers"].items():
         split = "test split" if not rec["val_split"] else f"held-out {rec['val_split']} of the training set"
         lines.append(f"Teacher {name}: {100 * rec['val_acc']:.1f} % on the {split}.")
