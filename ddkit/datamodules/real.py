@@ -290,7 +290,8 @@ class RealDataModule(L.LightningDataModule):
             raise DDKitError(f"dataset: {self.dataset} is a folder dataset, not held in memory, got {self.dataset!r}")
         xtr, ytr, xte, yte = self._raw()
         xtr, xte = self._preprocess(_to_float(xtr)), self._preprocess(_to_float(xte))
-        ytr, yte = torch.as_tensor(np.asarray(ytr), dtype=torch.long), torch.as_tensor(np.asarray(yte), dtype=torch.long)
+        # np.array copies (see _to_float).
+        ytr, yte = (torch.from_numpy(np.array(y, dtype=np.int64)) for y in (ytr, yte))
         if self.use_zca:
             from ddkit.ops.zca import apply_zca, fit_zca
 
