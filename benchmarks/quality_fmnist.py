@@ -216,7 +216,7 @@ def quality_section(doc: dict[str, Any]) -> str:
         lines.append("Shared stages, wall (CPU): " + "; ".join(
             f"`{n}` {_time(v['wall_time_s'], v.get('cpu_s'))}" for n, v in shared.items()) + ".")
     for name, rec in doc["teachers"].items():
-        split = "test split" if not rec["val_split"] else f"held-out {rec['val_split']} training images"
+        split = "test split" if not rec["val_split"] else f"held-out {int(rec['val_split'])} training images"
         lines.append(f"Teacher `{name}`: {100 * rec['val_acc']:.2f} % on the {split}.")
     for m, rec in doc["method_records"].items():
         for k, r in rec["relabel"].items():
