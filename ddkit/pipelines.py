@@ -5,7 +5,8 @@ artifact paths it reads (``inputs``) and writes (``outputs``). :func:`run_stages
 skips a stage when all its outputs exist and the stamp beside its first output (``<output>.stamp.json``) records
 
 - the same command line,
-- the same sha256 of every config file the command names with ``-c`` / ``--config``,
+- the same sha256 of the parsed content of every config file the command names with ``-c`` / ``--config``
+  (comments and layout do not count),
 - the same sha256 of every input artifact (a directory hashes its files' paths and contents).
 
 So editing a config, or remaking an upstream artifact with different bytes, reruns exactly the stages that depend on
@@ -46,12 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 
 from ddkit.errors import DDKitError
 from ddkit.formats.common import sha256_file, write_json
 
 STAMP_SUFFIX = ".stamp.json"
-STAMP_FORMAT = "ddkit.stamp v1"
+STAMP_FORMAT = "ddkit.stamp v2"  # v2: configs hashed by parsed content, v1 by bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stages and the cache
@@ -124,8 +126,18 @@ def hash_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def config_hash(path: str | Path) -> str:
+    """sha256 of a YAML config's parsed content, so an edited comment does not rerun a stage; of its bytes when it
+    does not parse as YAML."""
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return sha256_file(path)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def stage_key(stage: Stage) -> dict[str, Any]:
-    """What the stamp must match: the command line, config file hashes and input artifact hashes.
+    """What the stamp must match: the command line, config content hashes and input artifact hashes.
 
     Raises:
         DDKitError: if a config file or an input artifact is missing.
@@ -134,7 +146,7 @@ def stage_key(stage: Stage) -> dict[str, Any]:
     for c in stage.config_files():
         if not Path(c).is_file():
             raise DDKitError(f"{stage.name}.config: file not found, got {c!r}")
-        configs[c] = sha256_file(c)
+        configs[c] = config_hash(c)
     return {"argv": list(stage.argv), "configs": configs, "inputs": {i: hash_path(i) for i in stage.inputs}}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from ddkit.pipelines import (
     StageFailed,
     build_plan,
     collect,
+    config_hash,
     hash_path,
     replace_section,
     results_table,
@@ -82,9 +84,23 @@ def test_editing_a_config_reruns_that_stage_and_what_reads_its_changed_output(ch
     (tmp / "a.yaml").write_text("alpha2\n")
     assert statuses(run_stages(stages.values(), root, runner, log=lambda s: None)) == {"a": "ran", "b": "ran"}
     assert (root / "b.txt").read_text() == "beta2|alpha2"
-    # A config edit that leaves a's output byte-identical reruns a only: b's input hash is unchanged.
-    (tmp / "a.yaml").write_text("alpha2\n# a comment\n")
+    # A comment is not content: nothing reruns.
+    (tmp / "a.yaml").write_text("# a comment\nalpha2  # another\n")
+    assert statuses(run_stages(stages.values(), root, runner, log=lambda s: None)) == {"a": "cached", "b": "cached"}
+    # A content edit that leaves a's output byte-identical reruns a only: b's input hash is unchanged.
+    (tmp / "a.yaml").write_text("alpha2\n  continued\n")  # the scalar "alpha2 continued"; first line unchanged
     assert statuses(run_stages(stages.values(), root, runner, log=lambda s: None)) == {"a": "ran", "b": "cached"}
+
+
+def test_config_hash_is_of_content_and_falls_back_to_bytes(tmp_path):
+    a, b, bad = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "bad.yaml"
+    a.write_text("model:\n  lr: 0.1  # why\n  ipc: 10\n")
+    b.write_text("# reordered\nmodel: {ipc: 10, lr: 0.1}\n")
+    assert config_hash(a) == config_hash(b)
+    b.write_text("model: {ipc: 10, lr: 0.2}\n")
+    assert config_hash(a) != config_hash(b)
+    bad.write_text("model: [unclosed\n")
+    assert config_hash(bad) == hashlib.sha256(bad.read_bytes()).hexdigest()
 
 
 def test_a_changed_input_or_command_line_reruns_and_force_reruns(chain):
