@@ -16,7 +16,9 @@ each run's mean step time, its peak the maximum.
     python benchmarks/matching_memory.py --syn_steps 10 20 --repeats 1 --steps 2   # quick look
 
 Engines: ``unroll``, ``tesla``, ``adjoint`` (TrajectoryMatching's default ``graph_window``: the last steps keep
-their graphs) and ``adjoint-w0`` (``graph_window: 0``, every step recomputed: the least memory).
+their graphs), ``adjoint-w0`` (``graph_window: 0``, every step recomputed: the least memory) and
+``adjoint-compiled`` (default window, ``compile_trajectory: true``: the graph-free first pass through
+``torch.compile``; the compilation falls in the warm-up step, whose time is recorded as ``warmup_s``).
 
 Targets (issue #7): adjoint peak at 80 steps <= 1.3x its peak at 10, while unroll's grows several-fold; adjoint time
 per step <= 1.2x unroll's.
@@ -39,9 +41,11 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-# `adjoint` runs with TrajectoryMatching's default graph_window; `adjoint-w0` recomputes every step (least memory).
-ENGINES = ("unroll", "tesla", "adjoint", "adjoint-w0")
-ADJOINTS = ("adjoint", "adjoint-w0")
+# `adjoint` runs with TrajectoryMatching's default graph_window; `adjoint-w0` recomputes every step (least memory);
+# `adjoint-compiled` compiles the graph-free first pass.
+VARIANTS = {"adjoint-w0": {"graph_window": 0}, "adjoint-compiled": {"compile_trajectory": True}}
+ENGINES = ("unroll", "tesla", "adjoint", "adjoint-w0", "adjoint-compiled")
+ADJOINTS = ("adjoint", "adjoint-w0", "adjoint-compiled")
 
 
 def rss_bytes() -> int:
@@ -75,16 +79,15 @@ def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) ->
             rows.append(rows[-1] + 0.01 * torch.randn(theta.shape, generator=g))
         save_expert(tmp, 0, torch.stack(rows))
         data = SimpleNamespace(buffer=ExpertBuffer(tmp))
-        window = {"graph_window": 0} if engine == "adjoint-w0" else {}
         m = TrajectoryMatching(spec, ipc=10, syn_steps=syn_steps, expert_epochs=2, max_start_epoch=1,
                                sequential_generation=False, batch_syn=100, threshold=None,
-                               engine=engine.removesuffix("-w0"), **window, pix_init="noise",
+                               engine=engine.split("-")[0], **VARIANTS.get(engine, {}), pix_init="noise",
                                output=str(Path(tmp) / "out"), seed=0)
         m.attach(data)
         m.configure_optimizers()
         generator = segment_generator(0, 0)
         base = rss_bytes()
-        times, cpu_times, losses = [], [], []
+        times, cpu_times, losses, warmup_times = [], [], [], []
         for it in range(warmup + steps):
             start, start_cpu = time.perf_counter(), time.process_time()
             result = m.segment_gradients(m.sample_segment(generator, it))
@@ -94,10 +97,12 @@ def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) ->
             if it >= warmup:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - start_cpu)
+            else:
+                warmup_times.append(time.perf_counter() - start)
             losses.append(combined["loss"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return {"engine": engine, "syn_steps": syn_steps, "step_s": statistics.mean(times), "step_times_s": times,
-            "step_cpu_s": statistics.mean(cpu_times),
+            "step_cpu_s": statistics.mean(cpu_times), "warmup_s": warmup_times,
             "base_bytes": base, "peak_bytes": peak, "losses": losses, "num_params": int(theta.numel())}
 
 
@@ -204,7 +209,7 @@ def main() -> None:
                      "step_cpu_s_runs": [r["step_cpu_s"] for r in rs],
                      "peak_bytes": max(r["peak_bytes"] for r in rs),
                      "base_bytes": min(r["base_bytes"] for r in rs),
-                     "first_loss": rs[0]["losses"][0], "num_params": rs[0]["num_params"]}
+                     "first_loss": rs[0]["losses"][0], "warmup_s_runs": [r["warmup_s"] for r in rs], "num_params": rs[0]["num_params"]}
     summary = {
         "problem": "ConvNet-D3 width 32 instance norm, 1x28x28, 10 classes, IPC 10 (100 images), batch_syn 100, "
                    "DATM soft labels, DSA",

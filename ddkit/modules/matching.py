@@ -225,6 +225,9 @@ class TrajectoryMatching(L.LightningModule):
             only the steps before them are recomputed: memory of that many steps' activations (not ``syn_steps``),
             time close to ``unroll``'s (benchmarks/results/matching_memory.md). 0: every step is recomputed, the
             least memory.
+        compile_trajectory: (``adjoint``, ``tesla``) ``torch.compile`` the graph-free first pass, the adjoint's only
+            cost beyond ``unroll``'s: about 20% less time for it, after about 20 s of compilation per process (needs a
+            C++ compiler on CPU, Triton on GPU).
         pix_init: ``samples_predicted_correctly`` (real images the last-epoch experts classify correctly; DATM's
             default), ``real`` (random real images) or ``noise`` (standard Gaussian in the input space).
         label_experts: (DATM) experts whose correct predictions are averaged into the initial label logits;
@@ -262,6 +265,7 @@ class TrajectoryMatching(L.LightningModule):
         threshold: float | None = 1.0,
         engine: str = "adjoint",
         graph_window: int = 10,
+        compile_trajectory: bool = False,
         pix_init: str = "samples_predicted_correctly",
         label_experts: int | None = None,
         dsa: bool = True,
@@ -285,6 +289,9 @@ class TrajectoryMatching(L.LightningModule):
             raise DDKitError(f"batch_syn: must be > 0 (or null for the whole set), got {batch_syn!r}")
         if graph_window < 0:
             raise DDKitError(f"graph_window: must be >= 0, got {graph_window!r}")
+        if compile_trajectory and engine == "unroll":
+            raise DDKitError("compile_trajectory: applies to the adjoint and tesla engines only, got True with "
+                             "engine 'unroll'")
         for name, value in (("lr_img", lr_img), ("lr_lr", lr_lr), ("lr_y", lr_y), ("lr_teacher", lr_teacher)):
             if not (value > 0 and math.isfinite(value)):
                 raise DDKitError(f"{name}: must be a finite number > 0, got {value!r}")
@@ -491,7 +498,7 @@ class TrajectoryMatching(L.LightningModule):
         labels = self.label_logits if self.datm else self.labels
         return matching_gradients(self.hparams.engine, self._forward, theta0, target, self.images, labels,
                                   self.step_size, segment.loop, _dsa_augment if self.hparams.dsa else None,
-                                  self.hparams.graph_window)
+                                  self.hparams.graph_window, self.hparams.compile_trajectory)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1

@@ -16,6 +16,10 @@ and measures ``L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` against the
   up to rounding) with TESLA's memory profile; ``graph_window`` > 0 keeps the last steps' graphs instead of
   recomputing them (memory of that many steps, whatever ``N``; less time).
 
+``compile_trajectory`` runs the graph-free first pass of ``adjoint`` and ``tesla`` (one forward/backward per step,
+its only cost beyond ``unroll``'s) through ``torch.compile``: about 20% faster per step, after a compilation of
+about 20 s per process and batch shape. ``unroll`` cannot use it: ``torch.compile`` does not trace a double backward.
+
 The engines need each inner step to be recomputable: the same indices, the same augmentation draw (``augment``
 is called with the step's seed and must be deterministic given it) and no stateful layers (instance/group norm
 is fine; BatchNorm in train mode would update its running statistics on every recomputation).
@@ -39,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,6 +172,19 @@ def _inner_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
+_COMPILED_GRADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_inner_grad(forward: Forward) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``torch.compile``d ``(theta, x_augmented, labels) -> grad_theta loss`` for ``forward``, built once per
+    ``forward`` (compilation happens at the first call, again for a new batch shape or dtype)."""
+    fn = _COMPILED_GRADS.get(forward)
+    if fn is None:
+        fn = torch.compile(torch.func.grad(lambda theta, x, y: _inner_loss(forward(x, theta), y)))
+        _COMPILED_GRADS[forward] = fn
+    return fn
+
+
 @dataclass(frozen=True)
 class _Problem:
     """The detached inputs of one matching step (see ``matching_gradients``)."""
@@ -180,6 +198,7 @@ class _Problem:
     loop: InnerLoop
     augment: Augment | None
     graph_window: int = 0
+    compile_trajectory: bool = False
 
     @property
     def soft(self) -> bool:
@@ -194,6 +213,17 @@ class _Problem:
             x = self.augment(x, self.loop.aug_seeds[step])
         loss = _inner_loss(self.forward(x, theta), y)
         return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+    def trajectory_grad(self, step: int, theta: Tensor) -> Tensor:
+        """``[P]`` detached gradient of inner step ``step``'s loss at ``theta``, without a graph (first pass)."""
+        idx = self.loop.batches[step]
+        if not self.compile_trajectory:
+            theta = theta.detach().requires_grad_()
+            return self.inner_grad(step, theta, self.images[idx], self.labels[idx], create_graph=False)
+        x = self.images[idx]
+        if self.augment is not None and self.loop.aug_seeds is not None:
+            x = self.augment(x, self.loop.aug_seeds[step])
+        return compiled_inner_grad(self.forward)(theta, x, self.labels[idx])
 
     def loss(self, theta_n: Tensor) -> Tensor:
         """``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``."""
@@ -231,10 +261,7 @@ def _trajectory(p: _Problem, steps: int) -> list[Tensor]:
     """Pass 1 of TESLA and the adjoint: ``[theta_0, ..., theta_steps]`` (detached), one step's graph at a time."""
     thetas = [p.theta0]
     for step in range(steps):
-        theta = thetas[-1].detach().requires_grad_()
-        g = p.inner_grad(step, theta, p.images[p.loop.batches[step]], p.labels[p.loop.batches[step]],
-                         create_graph=False)
-        thetas.append(thetas[-1] - p.step_size * g)
+        thetas.append(thetas[-1] - p.step_size * p.trajectory_grad(step, thetas[-1]))
     return thetas
 
 
@@ -364,6 +391,7 @@ def matching_gradients(
     loop: InnerLoop,
     augment: Augment | None,
     graph_window: int = 0,
+    compile_trajectory: bool = False,
 ) -> MatchingResult:
     """Trajectory-matching loss and its gradients w.r.t. images, label logits and step size.
 
@@ -385,6 +413,8 @@ def matching_gradients(
         graph_window: (``adjoint``) the last ``graph_window`` inner steps keep their graphs as in ``unroll``; only
             the steps before them are recomputed. More memory (that many steps' activations, whatever the number
             of steps), less time; 0: every step is recomputed.
+        compile_trajectory: (``adjoint``, ``tesla``) run the graph-free first pass through ``torch.compile``
+            (``compiled_inner_grad``); equal to the eager pass up to rounding.
 
     Returns:
         ``MatchingResult`` with the loss and gradients (``grad_labels`` is ``None`` for hard labels).
@@ -394,6 +424,8 @@ def matching_gradients(
     """
     check(engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}", engine)
     check(graph_window >= 0, "graph_window", "must be >= 0", graph_window)
+    check(not (compile_trajectory and engine == "unroll"), "compile_trajectory",
+          "applies to the adjoint and tesla engines only (unroll has no graph-free pass)", compile_trajectory)
     _check_inputs(theta0, target, images, labels, step_size, loop, augment)
     device = images.device
     problem = _Problem(
@@ -402,6 +434,7 @@ def matching_gradients(
         InnerLoop([idx.to(device) for idx in loop.batches], loop.aug_seeds),
         augment,
         graph_window,
+        compile_trajectory,
     )
     with torch.enable_grad():
         return _ENGINE_FNS[engine](problem)

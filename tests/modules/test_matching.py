@@ -401,6 +401,7 @@ def test_nonfinite_losses_are_skipped_then_stop(buffer_dir, tmp_path):
     ({"ipc": 0}, "ipc: must be > 0, got 0"),
     ({"batch_syn": 0}, "batch_syn: must be > 0"),
     ({"graph_window": -1}, "graph_window: must be >= 0, got -1"),
+    ({"engine": "unroll", "compile_trajectory": True}, "compile_trajectory: applies to the adjoint and tesla"),
     ({"syn_steps": -1}, "syn_steps: must be > 0, got -1"),
     ({"lr_img": 0.0}, "lr_img: must be a finite number > 0, got 0.0"),
     ({"lr_lr": -1e-5}, "lr_lr: must be a finite number > 0"),

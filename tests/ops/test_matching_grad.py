@@ -83,10 +83,10 @@ def _problem(soft: bool, seed: int = 0) -> dict:
     }
 
 
-def _run(engine: str, problem: dict, steps: int, augment: str, graph_window: int = 0) -> MatchingResult:
+def _run(engine: str, problem: dict, steps: int, augment: str, graph_window: int = 0, **kwargs) -> MatchingResult:
     fn = AUGMENTS[augment]
     loop = InnerLoop(_batches(steps), None if fn is None else [1000 + i for i in range(steps)])
-    return matching_gradients(engine, **problem, loop=loop, augment=fn, graph_window=graph_window)
+    return matching_gradients(engine, **problem, loop=loop, augment=fn, graph_window=graph_window, **kwargs)
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -109,6 +109,19 @@ def test_adjoint_equals_unroll(steps: int, soft: bool, augment: str, graph_windo
         assert _rel(adj.grad_labels, ref.grad_labels) <= 1e-10
     else:
         assert adj.grad_labels is None and ref.grad_labels is None
+
+
+@pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
+def test_adjoint_with_compiled_trajectory_equals_unroll(soft: bool) -> None:
+    """The torch.compile'd first pass (float64, so rounding stays far below the tolerance)."""
+    problem = _problem(soft)
+    ref = _run("unroll", problem, 5, "dsa")
+    adj = _run("adjoint", problem, 5, "dsa", graph_window=2, compile_trajectory=True)
+    assert _rel(adj.loss, ref.loss) <= 1e-12
+    assert _rel(adj.grad_images, ref.grad_images) <= 1e-10
+    assert _rel(adj.grad_step_size, ref.grad_step_size) <= 1e-10
+    if soft:
+        assert _rel(adj.grad_labels, ref.grad_labels) <= 1e-10
 
 
 @pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
@@ -234,3 +247,5 @@ def test_unknown_engine_and_bad_inputs() -> None:
         matching_gradients("adjoint", **{**problem, "labels": problem["labels"][:4]}, loop=loop, augment=None)
     with pytest.raises(DDKitError, match="^graph_window: must be >= 0, got -1$"):
         matching_gradients("adjoint", **problem, loop=loop, augment=None, graph_window=-1)
+    with pytest.raises(DDKitError, match="^compile_trajectory: applies to the adjoint and tesla engines only"):
+        matching_gradients("unroll", **problem, loop=loop, augment=None, compile_trajectory=True)
