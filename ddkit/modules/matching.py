@@ -226,8 +226,8 @@ class TrajectoryMatching(L.LightningModule):
             time close to ``unroll``'s (benchmarks/results/matching_memory.md). 0: every step is recomputed, the
             least memory.
         compile_trajectory: (``adjoint``, ``tesla``) ``torch.compile`` the graph-free first pass, the adjoint's only
-            cost beyond ``unroll``'s: about 20% less time for it, after about 20 s of compilation per process (needs a
-            C++ compiler on CPU, Triton on GPU).
+            cost beyond ``unroll``'s: about 20% less time for that pass, after about 20 s of compilation per process
+            (needs a C++ compiler on CPU, Triton on GPU).
         pix_init: ``samples_predicted_correctly`` (real images the last-epoch experts classify correctly; DATM's
             default), ``real`` (random real images) or ``noise`` (standard Gaussian in the input space).
         label_experts: (DATM) experts whose correct predictions are averaged into the initial label logits;
