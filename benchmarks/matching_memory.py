@@ -209,7 +209,8 @@ def main() -> None:
                      "step_cpu_s_runs": [r["step_cpu_s"] for r in rs],
                      "peak_bytes": max(r["peak_bytes"] for r in rs),
                      "base_bytes": min(r["base_bytes"] for r in rs),
-                     "first_loss": rs[0]["losses"][0], "warmup_s_runs": [r["warmup_s"] for r in rs], "num_params": rs[0]["num_params"]}
+                     "first_loss": rs[0]["losses"][0], "warmup_s_runs": [r["warmup_s"] for r in rs],
+                     "num_params": rs[0]["num_params"]}
     summary = {
         "problem": "ConvNet-D3 width 32 instance norm, 1x28x28, 10 classes, IPC 10 (100 images), batch_syn 100, "
                    "DATM soft labels, DSA",

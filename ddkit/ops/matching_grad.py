@@ -18,7 +18,8 @@ and measures ``L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` against the
 
 ``compile_trajectory`` runs the graph-free first pass of ``adjoint`` and ``tesla`` (one forward/backward per step,
 its only cost beyond ``unroll``'s) through ``torch.compile``: that pass about 20% faster on the fmnist-cpu problem
-(70 steps: 3.3 s against 4.0 s), after a compilation of about 20 s per process and batch shape. ``unroll`` cannot use it: ``torch.compile`` does not trace a double backward.
+(70 steps: 3.3 s against 4.0 s), after a compilation of about 20 s per process and batch shape. ``unroll`` cannot
+use it: ``torch.compile`` does not trace a double backward.
 
 The engines need each inner step to be recomputable: the same indices, the same augmentation draw (``augment``
 is called with the step's seed and must be deterministic given it) and no stateful layers (instance/group norm
