@@ -14,6 +14,7 @@ each run's mean step time, its peak the maximum.
 
     python benchmarks/matching_memory.py                    # writes benchmarks/results/matching_memory.{json,md}
     python benchmarks/matching_memory.py --syn_steps 10 20 --repeats 1 --steps 2   # quick look
+    python benchmarks/matching_memory.py --pool benchmarks/results/matching_memory_runs/*.json  # earlier runs
 
 Engines: ``unroll``, ``tesla``, ``adjoint`` (TrajectoryMatching's default ``graph_window``: the last steps keep
 their graphs), ``adjoint-w0`` (``graph_window: 0``, every step recomputed: the least memory) and
@@ -174,6 +175,26 @@ def targets(rows: dict, syn_steps: list[int]) -> dict:
     return out
 
 
+def pooled(paths: list[str], syn_steps: int) -> str:
+    """Markdown: adjoint / unroll CPU time at ``syn_steps`` per repeat of each earlier run (repeats are paired:
+    within a repeat the engines run back to back), and the median over all of them."""
+    lines = [f"adjoint / unroll CPU time per step at syn_steps {syn_steps}, per repeat", "",
+             "| run | unroll s | adjoint s | ratio per repeat | ratio of medians |", "|---|---|---|---|---|"]
+    ratios = []
+    for path in paths:
+        rows = json.loads(Path(path).read_text())["results"]
+        unroll, adjoint = rows[f"unroll/{syn_steps}"], rows[f"adjoint/{syn_steps}"]
+        pairs = list(zip(adjoint["step_cpu_s_runs"], unroll["step_cpu_s_runs"]))
+        ratios += [a / u for a, u in pairs]
+        lines.append(f"| {Path(path).name} | {' '.join(f'{u:.2f}' for _, u in pairs)} | "
+                     f"{' '.join(f'{a:.2f}' for a, _ in pairs)} | {' '.join(f'{a / u:.2f}' for a, u in pairs)} | "
+                     f"{adjoint['step_cpu_s'] / unroll['step_cpu_s']:.2f} |")
+    within = sum(r <= 1.2 for r in ratios)
+    lines += ["", (f"All {len(ratios)} repeats: median ratio {statistics.median(ratios):.2f}, "
+                   f"{within} of {len(ratios)} at most 1.2, range {min(ratios):.2f}-{max(ratios):.2f}.")]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--syn_steps", type=int, nargs="+", default=[10, 20, 40, 80])
@@ -183,8 +204,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved sweeps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--output", default=str(RESULTS / "matching_memory.json"))
+    parser.add_argument("--pool", nargs="+", metavar="JSON",
+                        help="run nothing: pool the adjoint/unroll ratios at the largest --syn_steps of these runs")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "SYN_STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pool:
+        print(pooled(args.pool, max(args.syn_steps)))
+        return
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.warmup, args.threads)))
         return

@@ -251,11 +251,11 @@ def headline(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | hard, width 128 | " + " | ".join(f"{vals[k]}" for k in doc["ipcs"]) + " |")
     full = doc.get("full_data") or {}
     ours = f"{100 * full['accuracy']:.2f}" if full.get("status") == "done" else "not run"
-    lines += ["", f"Full data: ddkit {ours} (`configs/fashion_mnist/classifier.yaml`, width {s['net_kwargs']['width']}); "
-              f"papers {FULL_ANCHOR} (width 128).",
+    lines += ["", (f"Full data: ddkit {ours} (`configs/fashion_mnist/classifier.yaml`, width {s['net_kwargs']['width']}); "
+                   f"papers {FULL_ANCHOR} (width 128)."),
               "", "![accuracy against IPC](benchmarks/results/quality_fmnist.png)", "",
-              "Regenerate: `python benchmarks/quality_fmnist.py`. Every protocol for every set, wall times and goals: "
-              + "[BENCHMARKS.md](BENCHMARKS.md)."]
+              ("Regenerate: `python benchmarks/quality_fmnist.py`. Every protocol for every set, wall times and goals: "
+               "[BENCHMARKS.md](BENCHMARKS.md).")]
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +320,13 @@ def others_section(results: Path) -> str:
         lines.append("")
         for name, t in mem.get("targets", {}).items():
             lines.append(f"- {name}: {t['value']:.2f} (target {t['target']}): {'met' if t['met'] else 'not met'}")
+        runs = sorted(str(p) for p in (results / "matching_memory_runs").glob("*.json") if p.name in tracked)
+        if runs:
+            from matching_memory import pooled
+
+            pool = "python benchmarks/matching_memory.py --pool benchmarks/results/matching_memory_runs/*.json"
+            lines += ["", f"Every committed run (`benchmarks/results/matching_memory_runs/`, command in each file; `{pool}`):",
+                      "", pooled(runs, 80)]
     else:
         lines.append("No committed results yet (`benchmarks/results/matching_memory.json`).")
     lines += ["", "### SSL squeeze on Fashion-MNIST, `benchmarks/ssl_fmnist.py`", ""]

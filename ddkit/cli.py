@@ -20,7 +20,7 @@ from pathlib import Path
 # Quieter start-up: these are informational messages that every run would otherwise print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from ddkit.errors import DDKitError  # noqa: E402
+from ddkit.errors import DDKitError
 
 
 def _lightning_cli(args: list[str] | None) -> None:

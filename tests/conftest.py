@@ -31,4 +31,4 @@ def run_ddkit(args: list[str], cwd: Path, env: dict | None = None, timeout: int 
     """Run ``python -m ddkit.cli <args>`` as a subprocess (needed for DDP, which re-launches the command)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ddkit.cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)

@@ -13,7 +13,8 @@ DIGITS = str(REPO / "configs/digits/classifier.yaml")
 
 
 def last_metric(csv_path: Path, key: str) -> float:
-    rows = [r for r in csv.DictReader(open(csv_path)) if r.get(key)]
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
     return float(rows[-1][key])
 
 
@@ -45,7 +46,7 @@ def test_digits_classifier_fit_through_the_cli(in_tmp):
     assert next(Path("logs").rglob("last.ckpt")).is_file()
     from ddkit.formats.teacher import load_teacher
 
-    net, meta = load_teacher("teacher.safetensors")
+    _, meta = load_teacher("teacher.safetensors")
     assert meta.net == "convnet" and meta.data_spec.dataset == "digits"
 
 

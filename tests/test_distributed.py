@@ -16,7 +16,8 @@ pytestmark = pytest.mark.distributed
 
 
 def final_metrics(root: Path) -> dict[str, float]:
-    rows = list(csv.DictReader(open(next(root.rglob("metrics.csv")))))
+    with open(next(root.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     out = {}
     for r in rows:
         out.update({k: float(v) for k, v in r.items() if v not in ("", None)})

@@ -11,9 +11,9 @@ import gzip
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -66,6 +66,8 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
         _, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if dtype != 0x08:  # every MNIST-family file stores unsigned bytes
+            raise ValueError(f"element type 0x{dtype:02x}, expected 0x08 (unsigned byte)")
         shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
         arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return arr.reshape(shape)
@@ -99,7 +101,7 @@ def _load_mnist_like(name: str, root: str | None, download: bool) -> tuple:
         target = root or "data"
         try:
             tr, te = cls(target, train=True, download=True), cls(target, train=False, download=True)
-        except Exception as e:  # network errors come in many types
+        except Exception as e:  # noqa: BLE001 -- network errors come in many types
             raise DDKitError(f"dataset: {name} not found in {[str(c) for c in candidates]} and download failed "
                              f"({type(e).__name__}), got root={root!r}") from None
         return tr.data.numpy(), tr.targets.numpy(), te.data.numpy(), te.targets.numpy()
@@ -129,7 +131,7 @@ def _load_cifar(name: str, root: str | None, download: bool) -> tuple:
     except RuntimeError:
         raise DDKitError(f"dataset: {name} not found under {target!r} (torchvision layout "
                          f"{cls.base_folder!r}); set data.root or data.download=true, got root={root!r}") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- network errors come in many types
         raise DDKitError(f"dataset: {name} download failed ({type(e).__name__}), got root={root!r}") from None
     return tr.data, np.array(tr.targets), te.data, np.array(te.targets), tuple(tr.classes)
 
@@ -324,7 +326,7 @@ class RealDataModule(L.LightningDataModule):
     def _num_val(self, n: int) -> int:
         if self.val_split == 0:
             return 0
-        k = int(round(self.val_split * n)) if self.val_split < 1 else int(self.val_split)
+        k = round(self.val_split * n) if self.val_split < 1 else int(self.val_split)
         if not 0 < k < n:
             raise DDKitError(f"val_split: leaves no training or no validation images, got {self.val_split!r}")
         return k

@@ -33,7 +33,7 @@ class DataSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataSpec":
+    def from_dict(cls, d: dict) -> DataSpec:
         d = dict(d)
         d["mean"] = tuple(d["mean"])
         d["std"] = tuple(d["std"])
@@ -41,7 +41,7 @@ class DataSpec:
         return cls(**d)
 
 
-def as_spec(value: "DataSpec | dict | None") -> DataSpec:
+def as_spec(value: DataSpec | dict | None) -> DataSpec:
     """Accept a DataSpec or its dict form (as stored in checkpoints); None is a clear error."""
     from ddkit.errors import DDKitError
 

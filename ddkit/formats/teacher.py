@@ -56,7 +56,7 @@ def read_teacher_meta(path: str | os.PathLike) -> TeacherMeta:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("ddkit")
-    except Exception as e:  # safetensors raises several types for corrupt headers
+    except Exception as e:  # noqa: BLE001 -- safetensors raises several types for corrupt headers
         raise DDKitError(f"teacher: not a valid safetensors file ({str(e).splitlines()[0]}), got {str(path)!r}") from None
     if raw is None:
         raise DDKitError(f"teacher: no ddkit header (not a ddkit teacher checkpoint), got {str(path)!r}")

@@ -37,8 +37,8 @@ def test_idx_reader_on_files_built_here(tmp_path):
 
     import numpy as np
 
-    def write(name, arr):
-        header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    def write(name, arr, type_code=0x08):
+        header = struct.pack(">HBB", 0, type_code, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
         with gzip.open(tmp_path / f"{name}.gz", "wb") as f:
             f.write(header + arr.astype(np.uint8).tobytes())
 
@@ -50,6 +50,11 @@ def test_idx_reader_on_files_built_here(tmp_path):
     dm = RealDataModule("mnist", root=str(tmp_path))
     dm.setup("fit")
     assert len(dm.train_set) == 20 and dm.test_set[3][1] == 3 and dm.train_set[0][0].shape == (1, 28, 28)
+
+    # A file of another element type (0x0D: float32) is refused, not read as bytes.
+    write("t10k-labels-idx1-ubyte", np.arange(10), type_code=0x0D)
+    with pytest.raises(DDKitError, match=r"^root: cannot read IDX file \(element type 0x0d, expected 0x08"):
+        RealDataModule("mnist", root=str(tmp_path)).setup("fit")
 
 
 def test_zca_whitening_is_fitted_on_train_and_applied_to_test():
