@@ -20,6 +20,7 @@ from pathlib import Path
 # Quieter start-up: these are informational messages that every run would otherwise print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from ddkit.cli_checks import check_command_line, check_run_options
 from ddkit.errors import DDKitError
 
 
@@ -37,6 +38,12 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True})
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+
+        def parse_arguments(self, parser, args) -> None:
+            """Parse, then check the run options while nothing is built or seeded yet."""
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            check_run_options(self.config[subcommand] if subcommand else self.config)
 
         def instantiate_trainer(self, **kwargs):
             """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState).
@@ -133,7 +140,7 @@ def _fresh_log_roots(trainer) -> list[Path]:
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's advertising tips and a deprecation warning of its own that users cannot act on."""
+    """Drop Lightning's advertising tips, its seed line and a deprecation warning of its own that users cannot act on."""
     import logging
     import warnings
 
@@ -141,8 +148,14 @@ def quiet_lightning() -> None:
         def filter(self, record: logging.LogRecord) -> bool:
             return "Tip:" not in str(record.msg)
 
+    class _NoSeedLine(logging.Filter):
+        # "Seed set to 0" comes before a bad option is found, making the error two lines; the seed is in the config.
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Seed set to" not in str(record.msg)
+
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_NoSeedLine())
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if from_command_line:
             sys.argv.remove("--debug")
     try:
+        check_command_line(argv)
         if argv and argv[0] == "evaluate":
             from ddkit.evaluation.cli import evaluate_cli
 
