@@ -124,7 +124,8 @@ CHECKPOINT_COUNTS = (("every_n_epochs", 0), ("every_n_train_steps", 0), ("save_t
 
 
 def check_run_options(config: Any) -> None:
-    """``seed_everything``, ``trainer.*`` and ``checkpoint.*`` of one subcommand's parsed config (a Namespace)."""
+    """``seed_everything``, ``trainer.*``, ``checkpoint.*`` and ``model.net_kwargs`` of one subcommand's parsed
+    config (a Namespace)."""
     seed = config.get("seed_everything")
     if seed is not None and not isinstance(seed, bool):  # true: draw a seed, false: do not seed
         check_int(seed, "seed_everything", 0, 2**32 - 1)
@@ -136,6 +137,12 @@ def check_run_options(config: Any) -> None:
     for key, low in CHECKPOINT_COUNTS:
         if checkpoint.get(key) is not None:
             check_int(checkpoint.get(key), f"checkpoint.{key}", low)
+    model = config.get("model") or {}
+    net_kwargs = (model.get("init_args") or {}).get("net_kwargs") if hasattr(model, "get") else None
+    for key in ("num_classes", "in_chans", "image_size"):
+        if isinstance(net_kwargs, dict) and key in net_kwargs:  # build_net takes these from the data
+            raise DDKitError(f"model.net_kwargs.{key}: set by the data (the dataset or data.{key}), not by "
+                             f"net_kwargs, got {net_kwargs[key]!r}")
     accelerator = trainer.get("accelerator", "auto")
     if isinstance(accelerator, str):
         _check_accelerator(accelerator)

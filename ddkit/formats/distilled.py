@@ -168,8 +168,8 @@ def load_distilled(path: str | os.PathLike, verify_checksums: bool = True) -> Di
     spec = DataSpec.from_dict(meta["data_spec"], "distilled.meta.data_spec")
     ipc = check_int(meta["ipc"], "distilled.meta.ipc", 1)
     if "num_images" in meta and meta["num_images"] != ipc * spec.num_classes:
-        raise DDKitError(f"distilled.meta.num_images: must be ipc * num_classes = {ipc * spec.num_classes}, "
-                         f"got {meta['num_images']!r}")
+        raise DDKitError(f"distilled.meta.ipc: must be num_images / num_classes = {meta['num_images']!r} / "
+                         f"{spec.num_classes}, got {ipc!r}")
     if not isinstance(meta["method"], str):
         raise DDKitError(f"distilled.meta.method: must be a name, got {meta['method']!r}")
     for key, kinds in (("config", (dict,)), ("teacher", (dict, type(None))), ("extra", (dict,))):
