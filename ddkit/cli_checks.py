@@ -186,5 +186,6 @@ def _check_devices(devices: Any, on_cpu: bool) -> None:
         ok = ok or value == -1 or (isinstance(value, list) and bool(value)
                                    and all(isinstance(d, int) and d >= 0 for d in value))
     if not ok:
-        kinds = "a number of CPU processes >= 1 or auto" if on_cpu else "a number >= 1, -1 (all), auto or a list of device indices"
+        kinds = ("a number of CPU processes >= 1 or auto" if on_cpu
+                 else "a number >= 1, -1 (all), auto or a list of device indices")
         raise DDKitError(f"trainer.devices: must be {kinds}, got {devices!r}")
