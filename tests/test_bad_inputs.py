@@ -1,6 +1,7 @@
 """Bad input, end to end: every case goes through ``ddkit.cli.main`` in-process (or the public API where the CLI
-cannot reach it) and must end with a non-zero exit, exactly one line ``error: <field>: ...`` on stderr naming the
-field and the bad value, no traceback, and nothing written to the working directory (logs, checkpoints, artifacts).
+cannot reach it) and must end with exit code 2, exactly one line ``error: <field>: ...`` on stderr naming the
+field and the bad value, no traceback, nothing written to the working directory (logs, checkpoints, artifacts) and
+the inputs folder unchanged. (``tests/test_one_line_errors.py`` checks the one line on a real process's stderr.)
 
 Cases (id: what is wrong):
 
@@ -42,6 +43,60 @@ Cases (id: what is wrong):
 - export-teacher-unwritable: classifier ``model.export_teacher`` below a regular file
 - evaluate-ipc-zero: ``ddkit evaluate --ipc 0``
 - option-wrong-type: ``data.batch_size: many`` (not an int; a parser error, reported as one line)
+
+Values inside artifacts (one value of a written artifact edited; ``DISTILLED_EDITS``, ``TEACHER_EDITS``,
+``BUFFER_EDITS``):
+
+- distilled-ipc-string, -ipc-fraction, -ipc-bool, -ipc-absurd: meta.json ``ipc`` is ``"2"``, 2.5, true, 10**15
+- distilled-num-classes-string, -num-classes-huge: ``data_spec.num_classes`` is ``"10"`` or 1e15
+- distilled-image-size-float, -in-chans-zero, -mean-length, -std-zero, -zca-string, -class-names-short,
+  -data-spec-list: other ``data_spec`` fields of the wrong type or size
+- distilled-files-list: ``files`` is not a mapping
+- teacher-header-not-json, -header-no-net, -net-kwargs-list: the teacher's ddkit header is not JSON, lacks
+  ``net``, or its ``net_kwargs`` is a list
+- teacher-pretrained, teacher-checkpoint-path: the teacher asks timm for ``pretrained`` weights or a
+  ``checkpoint_path`` (refused: ddkit builds nets from scratch)
+- teacher-num-classes-huge, teacher-image-size-string: the teacher's ``data_spec`` says 10**15 classes, ``"8"`` px
+- buffer-epochs-string, -net-kwargs-list, -num-classes-huge, -checkpoint-path: the same in a buffer's meta.json
+
+Trainer, seed and checkpoint options (checked before anything is built or seeded):
+
+- devices-zero, devices-negative: ``trainer.devices`` 0 or -2
+- max-epochs-negative, max-steps-negative: ``trainer.max_epochs: -5``, ``trainer.max_steps: -3``
+- accelerator-gpu, accelerator-tpu, accelerator-unknown: an accelerator this machine does not have (gpu: only
+  on a machine without one), or no such accelerator
+- seed-negative: ``seed_everything: -1``
+- checkpoint-every-n-epochs-negative, checkpoint-every-n-train-steps-negative: negative checkpoint intervals
+
+Config files:
+
+- config-empty, config-only-comments: an empty config, one with only comments
+- config-binary, config-latin1: random bytes, a Latin-1 (not UTF-8) file
+- config-not-mapping, config-broken-yaml, config-missing: a YAML list, a YAML syntax error, no such file
+- evaluate-config-empty: ``ddkit evaluate -c`` an empty file
+
+Resource bombs and sizes (bounded before anything is allocated):
+
+- config-alias-bomb: a config whose YAML aliases expand to 12 billion nodes
+- net-kwargs-alias-bomb, net-kwargs-recursive-alias: the same in a command-line value (``model.net_kwargs``)
+- net-width-huge, teacher-width-huge, buffer-width-huge: a ``width`` that makes a net of billions of parameters
+  (the net is first built on the meta device and its parameter count bounded)
+- image-size-huge: ``data.image_size: 100000``
+- net-pretrained: ``model.net_kwargs: {pretrained: true}`` for a timm net
+
+Integrity of a distilled set's ``files`` (meta.json):
+
+- distilled-files-empty: tampered images with ``files: {}`` (no checksum would run)
+- distilled-files-escape, distilled-files-absolute: ``../../etc/hostname``, ``/etc/hostname`` listed
+- distilled-files-no-labels, distilled-files-zca-unlisted: a tensor file of the format is not listed
+- distilled-files-digest: a checksum that is not a sha256 hex digest
+
+Messages that name the right field:
+
+- net-kwargs-image-size: ``model.net_kwargs: {image_size: 3}`` (the size comes from the data)
+- image-size-too-small-for-net: a depth-4 ConvNet on 8 px images is an ``image_size`` error, not ``net_kwargs``
+- teacher-is-lightning-checkpoint: recover's ``teacher`` is a Lightning ``.ckpt`` (not a "got Classifier" error)
+- ssl-checkpoint-is-classifier: the probe's ``ssl_checkpoint`` is a classifier's checkpoint
 
 Run-time cases (the run starts, then stops with one line and exit 2; the last good set is kept):
 
