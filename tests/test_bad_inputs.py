@@ -81,6 +81,7 @@ Resource bombs and sizes (bounded before anything is allocated):
 - net-kwargs-alias-bomb, net-kwargs-recursive-alias: the same in a command-line value (``model.net_kwargs``)
 - net-width-huge, teacher-width-huge, buffer-width-huge: a ``width`` that makes a net of billions of parameters
   (the net is first built on the meta device and its parameter count bounded)
+- net-depth-huge, teacher-depth-huge: a ConvNet ``depth`` of a million layers
 - image-size-huge: ``data.image_size: 100000``
 - net-pretrained: ``model.net_kwargs: {pretrained: true}`` for a timm net
 
@@ -244,6 +245,7 @@ TEACHER_EDITS = {
     "num_classes_huge": lambda h: {**h, "data_spec": {**h["data_spec"], "num_classes": 10**15}},
     "image_size_string": lambda h: {**h, "data_spec": {**h["data_spec"], "image_size": "8"}},
     "width_huge": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "width": 10**7}},
+    "depth_huge": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "depth": 10**6}},
 }
 
 # name -> (buffer meta.json keys, new value)
@@ -466,6 +468,7 @@ TEACHER_EXPECTED = {
     "num_classes_huge": "teacher.data_spec.num_classes: must be an integer in [1, 100000], got 1000000000000000",
     "image_size_string": "teacher.data_spec.image_size: must be an integer in [1, 4096], got '8'",
     "width_huge": "teacher.net_kwargs: net 'convnet_bn' for 10 classes would have",
+    "depth_huge": "teacher.depth: must be an integer in [1, 64], got 1000000",
 }
 BUFFER_EXPECTED = {
     "epochs_string": "buffer.meta.epochs: must be an integer >= 1, got '3'",
@@ -521,6 +524,8 @@ CASES += [
      "model.net_kwargs: YAML alias refers to itself"),
     ("net-width-huge", _with(CLASSIFIER, model__net_kwargs='{"depth": 1, "width": 10000000}'),
      "net_kwargs: net 'convnet' for 10 classes would have 3,720,000,010 parameters, more than the limit"),
+    ("net-depth-huge", _with(CLASSIFIER, model__net_kwargs='{"depth": 1000000}'),
+     "depth: must be an integer in [1, 64], got 1000000"),
     ("image-size-huge", _with(CLASSIFIER, data__image_size="100000"),
      "image_size: must be an integer in [1, 4096], got 100000"),
     ("net-pretrained", _with(CLASSIFIER, model__net="resnet18", model__net_kwargs='{"pretrained": true}'),

@@ -71,3 +71,13 @@ def test_the_shape_only_build_draws_no_random_numbers():
 def test_sizes_and_options_are_bounded_before_anything_is_allocated(args, kwargs, message):
     with pytest.raises(DDKitError, match=message):
         build_net("convnet", *args, **{"depth": 1, "width": 8, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"depth": 10**6}, r"^depth: must be an integer in \[1, 64\], got 1000000$"),
+    ({"depth": 2.5}, r"^depth: must be an integer in \[1, 64\], got 2.5$"),
+    ({"width": "8"}, r"^width: must be an integer >= 1, got '8'$"),
+])
+def test_convnet_depth_and_width_are_integers_in_range(kwargs, message):
+    with pytest.raises(DDKitError, match=message):
+        build_net("convnet", 10, 3, 32, **kwargs)
