@@ -28,7 +28,7 @@ from ddkit.errors import DDKitError
 def _lightning_cli(args: list[str] | None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from ddkit.registry import import_stage_modules
 
@@ -116,6 +116,14 @@ def _lightning_cli(args: list[str] | None) -> None:
                         shutil.rmtree(root, ignore_errors=True)
                 raise
 
+    class SaveConfigBesideLogs(SaveConfigCallback):
+        """The run's config in its log folder. A run without a logger has no folder of its own (Lightning's default
+        would write ``./config.yaml``, replacing a user's file of that name), so it writes none."""
+
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if trainer.logger is not None:
+                super().setup(trainer, pl_module, stage)
+
     no_exit = {"exit_on_error": False}  # parse errors become exceptions: main() prints them as one line
     DDKitCLI(
         L.LightningModule,
@@ -123,6 +131,7 @@ def _lightning_cli(args: list[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},

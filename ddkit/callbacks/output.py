@@ -34,10 +34,11 @@ class ClaimOutput(L.Callback):
         error = None
         if trainer.is_global_zero:
             try:
+                self._lock = OutputLock(self.path, self.field).acquire()  # first: another run may be writing there
                 claim_output(self.path, self.field, self.kind, self.overwrite,
                              resuming=trainer.ckpt_path is not None, writes=self.writes)
-                self._lock = OutputLock(self.path, self.field).acquire()
             except DDKitError as e:
+                self._release()
                 error = str(e)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:

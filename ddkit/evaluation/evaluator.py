@@ -156,8 +156,8 @@ def run_evaluation(
         ipc = sets[0][2].ipc
     if ipc is not None and ipc <= 0:
         raise DDKitError(f"ipc: must be > 0, got {ipc!r}")
-    claim_output(output, "output", "report", overwrite, resuming=False)
     with OutputLock(output, "output"), _removed_on_failure(Path(output)):
+        claim_output(output, "output", "report", overwrite, resuming=False)
         Path(output).mkdir(parents=True, exist_ok=True)
 
         data.setup("fit")

@@ -123,6 +123,7 @@ class OutputLock:
         self._made: list[Path] = []  # the output and the lock's parents, if this run creates them
 
     def acquire(self) -> OutputLock:
+        check_writable(self.path, self.field)
         file = lock_path(self.path)
         self._made = [p for p in (self.path, file.parent, *file.parent.parents) if not p.exists()]
         file.parent.mkdir(parents=True, exist_ok=True)
