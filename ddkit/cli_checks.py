@@ -18,6 +18,8 @@ from ddkit.errors import DDKitError, check_int
 MAX_YAML_NODES = 100_000
 MAX_CONFIG_BYTES = 10 << 20
 CONFIG_FLAGS = ("-c", "--config")
+# Options whose value jsonargparse also reads as a config file of that group (``--model model.yaml``).
+GROUP_FLAGS = ("--model", "--data", "--trainer", "--checkpoint", "--optimizer", "--lr_scheduler")
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -29,8 +31,8 @@ def check_command_line(argv: list[str]) -> None:
             continue
         key, value = arg.split("=", 1) if arg.startswith("-") else (option, arg)
         option = ""
-        if key in CONFIG_FLAGS or (Path(value).suffix in (".yaml", ".yml") and Path(value).is_file()):
-            check_config_file(value)  # also ``--model model.yaml``: jsonargparse reads such a value as a file
+        if key in CONFIG_FLAGS or (key in GROUP_FLAGS and Path(value).suffix in (".yaml", ".yml")):
+            check_config_file(value)
         elif "*" in value:  # an alias: the value may be YAML (``--model.net_kwargs '{a: &a [..], b: [*a, *a]}'``)
             try:
                 node = yaml.compose(value, Loader=yaml.SafeLoader)

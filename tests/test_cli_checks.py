@@ -63,3 +63,11 @@ def test_good_run_options_pass(trainer):
 def test_bad_run_options_are_one_error(config, message):
     with pytest.raises(DDKitError, match=message):
         check_run_options(config)
+
+
+def test_a_group_config_file_is_checked_but_other_yaml_paths_are_not(tmp_path):
+    empty = tmp_path / "model.yaml"
+    empty.write_text("")
+    with pytest.raises(DDKitError, match=r"^config: empty \(no options in it\)"):
+        check_command_line(["fit", "--model", str(empty)])
+    check_command_line(["evaluate", "--output", str(empty)])  # a path the run writes, not a config
