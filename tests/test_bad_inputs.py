@@ -98,6 +98,8 @@ Messages that name the right field:
 - image-size-too-small-for-net: a depth-4 ConvNet on 8 px images is an ``image_size`` error, not ``net_kwargs``
 - teacher-is-lightning-checkpoint: recover's ``teacher`` is a Lightning ``.ckpt`` (not a "got Classifier" error)
 - ssl-checkpoint-is-classifier: the probe's ``ssl_checkpoint`` is a classifier's checkpoint
+- ssl-checkpoint-pretrained: the SSL checkpoint's ``net_kwargs`` ask timm for ``pretrained`` weights (named as the
+  checkpoint's, not as the user's ``net_kwargs``)
 
 Run-time cases (the run starts, then stops with one line and exit 2; the last good set is kept):
 
@@ -319,6 +321,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     _edit_meta(paths["distilled_files_empty"], lambda meta: meta.update(files={}))
     for name, edit in TEACHER_EDITS.items():
         paths[f"teacher_{name}"] = _edit_header(_teacher(root / f"teacher_{name}.safetensors"), edit)
+    paths["ssl_pretrained"] = root / "ssl_pretrained.ckpt"  # an SSL checkpoint whose net asks timm for weights
+    torch.save({"ddkit_ssl": {"method": "mocov2"}, "state_dict": {"backbone.w": torch.zeros(1)},
+                "hyper_parameters": {"net": "resnet18", "net_kwargs": {"pretrained": True}}}, paths["ssl_pretrained"])
     paths["classifier_ckpt"] = root / "classifier.ckpt"  # what Lightning writes: a torch.save zip
     torch.save({"state_dict": {"net.head.bias": torch.zeros(10)}, "hyper_parameters": {"net": "convnet"}},
                paths["classifier_ckpt"])
@@ -541,6 +546,8 @@ CASES += [
      "teacher: a torch/Lightning checkpoint, not a teacher safetensors file"),
     ("ssl-checkpoint-is-classifier", _with(PROBE, model__ssl_checkpoint="{classifier_ckpt}"),
      "ssl_checkpoint: not a ddkit SSL checkpoint"),
+    ("ssl-checkpoint-pretrained", _with(PROBE, model__ssl_checkpoint="{ssl_pretrained}"),
+     "ssl_checkpoint.net_kwargs.pretrained: refused"),
 ]
 
 
