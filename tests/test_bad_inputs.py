@@ -733,3 +733,30 @@ def test_a_read_only_output_is_one_line_before_any_work(inputs, tmp_path):
     assert out["code"] == 2 and len(lines) == 1, out["stderr"][-3000:]
     assert lines[0].startswith(f"error: output: directory '{tmp_path / 'disk' / 'sub'}' is not writable"), lines
     assert out["files"] == [str(tmp_path / "disk" / "sub")]
+
+
+# ------------------------------------------------------------------- misspelt keys of free-form option dicts
+
+MISSPELT_CASES = [
+    ("protocol-option-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                  "--protocol_options", "{hard: {lrr: 5}}"],
+     ("protocol_options.hard.lrr: unknown option of the hard protocol (known: augment, batch_size, epochs, lr, "
+     "momentum, weight_decay), got 5")),
+    ("protocol-name-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                "--protocol_options", "{hardd: {lr: 0.1}}"],
+     "protocol_options.hardd: not a protocol (known: hard, soft, kd)"),
+    ("periodic-evaluation-option-misspelt", [*MATCHING, "--trainer.callbacks+",
+                                             "ddkit.callbacks.synthetic.PeriodicEvaluation",
+                                             "--trainer.callbacks.protocol_options", "{epoch: 3}"],
+     "protocol_options.soft.epoch: unknown option of the soft protocol"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in MISSPELT_CASES])
+def test_a_misspelt_option_key_is_named_in_one_line(inputs, tmp_path, monkeypatch, capsys, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([_fill(a, inputs) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    assert _listing(tmp_path) == []

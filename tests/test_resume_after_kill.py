@@ -179,8 +179,6 @@ def uninterrupted(inputs, tmp_path_factory):
 def test_killed_run_resumes_to_the_uninterrupted_result(inputs, uninterrupted, tmp_path, stage, k, delay):
     cmd = _command(stage, inputs)
     _run_and_kill(cmd, tmp_path, lambda: len(_checkpoints(tmp_path)) >= k, delay, f"its checkpoint {k}")
-    if stage != "buffer":  # a buffer directory holds its finished experts as the run goes
-        assert not (tmp_path / STAGES[stage][2]).exists() or STAGES[stage][2].startswith("ckpt/")
     _run([*cmd, "--ckpt_path", "last"], tmp_path)
     resumed, whole = _artifact(tmp_path / STAGES[stage][2]), uninterrupted(stage)
     assert resumed.keys() == whole.keys()

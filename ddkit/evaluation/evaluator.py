@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
 from ddkit.errors import DDKitError
-from ddkit.evaluation.protocols import Protocol, get_protocol
+from ddkit.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
 from ddkit.evaluation.report import write_report
 from ddkit.formats.distilled import DistilledSet, load_distilled
 from ddkit.formats.output import OutputLock, claim_output
@@ -142,6 +142,10 @@ def run_evaluation(
         raise DDKitError("distilled: nothing to evaluate (give distilled paths and/or baselines), got []")
     if full_data_accuracy is not None and not 0 <= full_data_accuracy <= 1:
         raise DDKitError(f"full_data_accuracy: must lie in [0, 1], got {full_data_accuracy!r}")
+    for name in options:
+        if name not in PROTOCOLS:
+            raise DDKitError(f"protocol_options.{name}: not a protocol (known: {', '.join(PROTOCOLS)}), "
+                             f"got {options[name]!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
     sets = [(Path(p).name, p, load_distilled(p)) for p in distilled]
     for name, _, ds in sets:

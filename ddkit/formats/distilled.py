@@ -1,6 +1,6 @@
 """DistilledSet: synthetic images with their labels and everything needed to evaluate them.
 
-Directory layout (DESIGN.md section 4)::
+Directory layout::
 
     images.safetensors   images: float32 [N, C, H, W] in the training input space (normalized or ZCA-whitened)
     labels.safetensors   labels: int64 [N]; optional label_logits: float32 [N, K]; optional step_size: float32 []

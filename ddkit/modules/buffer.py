@@ -1,6 +1,6 @@
 """The buffer stage of MTT / DATM: train expert networks and record their trajectories into an ExpertBuffer.
 
-Recipe of the references (``../shared/reference/datm-mtt.md`` section 1): a fresh ConvNet per expert (D3, width
+Recipe of the references (MTT's ``buffer.py``, DATM's ``buffer/buffer_FTD.py``): a fresh ConvNet per expert (D3, width
 128, instance norm; D4 at 64 px), plain SGD (lr 0.01, no momentum, no weight decay, constant lr), DSA on every real
 batch, batch 256, MTT 50 epochs, DATM/FTD 100 epochs with GSAM (rho 0.01, alpha 0.3, adaptive). Parameters are
 recorded before training and after every epoch by :class:`~ddkit.callbacks.trajectories.RecordTrajectory`.
