@@ -263,7 +263,7 @@ BUFFER_EDITS = {
 
 
 def _alias_bomb(levels: int = 9) -> str:
-    """YAML of a few hundred bytes whose aliases expand to 10 ** levels nodes."""
+    """YAML of a few hundred bytes whose aliases expand to about 1.2 * 10 ** (levels + 1) nodes."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
     return "\n".join(lines) + "\n"
