@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from ddkit.callbacks.progress import default_progress_bar
 from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
 from ddkit.errors import DDKitError
@@ -55,6 +56,7 @@ def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: d
     module = protocol.make_module(ds.spec, net, net_kwargs, ds)
     loader = protocol.train_loader(ds)  # None: the module samples ds itself (kd)
     logger = TensorBoardLogger(log_dir, name=run_name, version=f"seed{seed}") if log_dir else False
+    progress = trainer_kwargs.get("enable_progress_bar", True)
     trainer = L.Trainer(
         max_epochs=protocol.epochs,
         logger=logger,
@@ -63,10 +65,11 @@ def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: d
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         check_val_every_n_epoch=eval_every if eval_every > 0 else protocol.epochs + 1,
-        limit_val_batches=1.0 if eval_every > 0 else 0,
+        limit_val_batches=1.0 if eval_every > 0 else 0,  # the test split as validation: curves only
+        callbacks=[default_progress_bar()] if progress else None,
         **trainer_kwargs,
     )
-    trainer.fit(module, loader, val_dataloaders=test_loader if eval_every > 0 else None)
+    trainer.fit(module, loader, val_dataloaders=test_loader)
     metrics = trainer.test(module, test_loader, verbose=False)
     return float(metrics[0]["test/acc"])
 
@@ -93,6 +96,7 @@ def run_evaluation(
     full_epochs: int = 20,
     full_data_accuracy: float | None = None,
     output: str = "reports/evaluation",
+    log_dir: str | None = None,
     eval_every: int = 0,
     accelerator: str = "auto",
     devices: int = 1,
@@ -116,7 +120,8 @@ def run_evaluation(
         epochs: override every protocol's number of epochs (e.g. for quick runs).
         full_epochs: epochs of the ``full`` baseline.
         full_data_accuracy: a known full-data accuracy (in [0, 1]) to print as the reference instead of training one.
-        output: directory of report.json, report.md and the TensorBoard curves (``output/tb``).
+        output: directory of report.json and report.md.
+        log_dir: directory of the TensorBoard curves (``<protocol>/<set>/seed<k>``); ``None``: ``<output>/tb``.
         eval_every: also test every this many epochs to draw test-accuracy curves in TensorBoard (0: only at the end).
         accelerator: Lightning accelerator.
         devices: devices per evaluation run.
@@ -137,9 +142,10 @@ def run_evaluation(
     if full_data_accuracy is not None and not 0 <= full_data_accuracy <= 1:
         raise DDKitError(f"full_data_accuracy: must lie in [0, 1], got {full_data_accuracy!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
-    sets = [(Path(p).name, p, load_distilled(p)) for p in distilled]
-    for name, _, ds in sets:
-        check_compatible(ds, data, where=f"distilled[{name}]")
+    loaded = [load_distilled(p) for p in distilled]
+    sets = list(zip(set_names(loaded), distilled, loaded))
+    for _, path, ds in sets:
+        check_compatible(ds, data, where=f"distilled[{Path(path).name}]")
         if ds.zca is not None and data.zca is None:
             from ddkit.ops.zca import ZCA
 
@@ -157,7 +163,7 @@ def run_evaluation(
     test_loader = DataLoader(data.test_set, batch_size=1024, shuffle=False)
     trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision,
                       "enable_progress_bar": progress}
-    log_dir = str(Path(output) / "tb")
+    log_dir = log_dir or str(Path(output) / "tb")
     net_kwargs = dict(net_kwargs or {})
     results: list[Result] = []
     for protocol in resolved:
@@ -189,6 +195,18 @@ def run_evaluation(
     }
     write_report(report, Path(output))
     return report
+
+
+def set_names(sets: list[DistilledSet]) -> list[str]:
+    """Each set's name in the report: its method (``sre2l``, ``datm``, ...); ``sre2l_1``, ``sre2l_2``, ... when
+    several sets share one."""
+    methods = [ds.method for ds in sets]
+    seen: dict[str, int] = {}
+    names = []
+    for m in methods:
+        seen[m] = seen.get(m, 0) + 1
+        names.append(f"{m}_{seen[m]}" if methods.count(m) > 1 else m)
+    return names
 
 
 def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,14 +42,15 @@ def test_random_baseline_and_a_distilled_set_under_two_protocols(tmp_path):
                             protocols=["hard", "soft"], seeds=2, epochs=150, net_kwargs={"width": 16},
                             output=str(tmp_path / "out"), accelerator="cpu", progress=False)
     names = [(r["name"], r["protocol"]["name"]) for r in report["results"]]
-    assert names == [("set", "hard"), ("random", "hard"), ("set", "soft"), ("random", "soft")]
+    # a set is named by its method, not by its directory
+    assert names == [("handpicked", "hard"), ("random", "hard"), ("handpicked", "soft"), ("random", "soft")]
     for r in report["results"]:
         assert len(r["accuracies"]) == 2 and r["mean"] > 0.5  # 50 images, 150 steps: well above chance (0.1)
         assert r["ipc"] == 5
     on_disk = json.loads((tmp_path / "out/report.json").read_text())
     assert on_disk["results"][0]["accuracies"] == report["results"][0]["accuracies"]
     md = (tmp_path / "out/report.md").read_text()
-    assert "| set | 5 |" in md and "| random | 5 |" in md and "name=hard" in md
+    assert "| handpicked | 5 |" in md and "| random | 5 |" in md and "name=hard" in md
     assert any((tmp_path / "out/tb").rglob("events.out.tfevents.*"))
 
 
