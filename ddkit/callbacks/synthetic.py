@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 from ddkit.errors import DDKitError
 from ddkit.formats.distilled import DistilledSet, save_distilled, to_pixels
 
-
 TB_CELL_PX = 32  # images smaller than this are enlarged (nearest) so a grid is readable at TensorBoard's size
 
 
