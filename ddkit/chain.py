@@ -38,7 +38,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", type=str, default="digits", help="dataset; its configs are configs/<data>/")
     parser.add_argument("--ipc", type=int, default=10, help="images per class")
     parser.add_argument("--root", type=str | None, default=None,
-                        help="folder of every artifact, stamp and report (default: chains/<data>)")
+                        help="folder of every artifact, stamp and report (default: runs/chains/<data>)")
     parser.add_argument("--log_dir", type=str, default="runs", help="TensorBoard folder of every stage")
     parser.add_argument("--budget", type=str, default="config", help=(
         "config: the configs' own epochs / iterations and the protocols' own epochs; demo: make demo's reduced "
@@ -75,7 +75,7 @@ def chain_plan(method: str, dataset: str, ipc: int, root: str | None, log_dir: s
         raise DDKitError(f"data: no configs/{dataset}/ folder of stage configs, got {dataset!r}")
     extra = {"config": {}, "demo": DEMO_EXTRA, "smoke": SMOKE_EXTRA}[budget]
     eval_epochs = {"config": None, "demo": 100, "smoke": 2}[budget]
-    return Plan(dataset=dataset, root=root or f"chains/{dataset}", methods=(method,), ipcs=(ipc,), full=False,
+    return Plan(dataset=dataset, root=root or f"runs/chains/{dataset}", methods=(method,), ipcs=(ipc,), full=False,
                 own_protocol_only=True, seeds=seeds, eval_epochs=eval_epochs, kd_options=KD_RECIPES.get(dataset, {}),
                 extra=extra, config_dir=configs, log_dir=log_dir)
 

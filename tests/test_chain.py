@@ -21,7 +21,7 @@ def test_the_digits_sre2l_chain_runs_end_to_end_then_is_cached(in_tmp, capsys):
     out, _ = chain(capsys)
     names = ["sre2l_teacher", "sre2l_recover_ipc10", "sre2l_relabel_ipc10", "eval_sre2l_ipc10_kd"]
     assert [ln for ln in out if ln.endswith(": running")] == [f"[{i}/4] {n}: running" for i, n in enumerate(names, 1)]
-    root = Path("chains/digits")
+    root = Path("runs/chains/digits")
     the_set = root / "sre2l/recover_ipc10"
     assert (the_set / "meta.json").is_file() and (the_set / "grid.png").is_file()
     report = json.loads((root / "eval/sre2l_ipc10_kd/report.json").read_text())
@@ -42,4 +42,4 @@ def test_an_unknown_method_is_one_line_and_exit_2(in_tmp, capsys):
         main(["chain", "dc", "--data", "digits"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: method: must be one of sre2l, scdd, mtt, datm, random, got 'dc'"
-    assert not Path("chains").exists()
+    assert not Path("runs").exists()
