@@ -36,7 +36,8 @@ def test_help_lists_every_command_on_one_line(capsys):
 def test_help_imports_neither_torch_nor_lightning(in_tmp):
     code = ("import sys\nfrom ddkit.cli import main\nsys.argv = ['ddkit', '--help']\ntry:\n    main()\n"
             "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=in_tmp, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], cwd=in_tmp, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert res.returncode == 0, res.stderr
     assert "evaluate" in res.stdout and res.stdout.strip().splitlines()[-1] == "heavy: []"
 
@@ -50,7 +51,8 @@ def quiet_env() -> dict[str, str]:
 def run_fit(cwd: Path, *extra: str) -> list[str]:
     """``ddkit fit`` of the digits classifier for one epoch, stdout a pipe (not a terminal); stdout + stderr lines."""
     res = subprocess.run([sys.executable, "-m", "ddkit.cli", "fit", "-c", DIGITS, "--trainer.max_epochs", "1",
-                          *extra], cwd=cwd, env=quiet_env(), capture_output=True, text=True, timeout=300)
+                          *extra], cwd=cwd, env=quiet_env(), capture_output=True, text=True, timeout=300,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     return (res.stdout + res.stderr).splitlines()
 
