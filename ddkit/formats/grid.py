@@ -18,6 +18,7 @@ from ddkit.formats.distilled import DistilledSet, to_pixels
 
 GRID_FILE = "grid.png"
 CELL_PX = 48  # small images (8x8 digits, 28x28 Fashion-MNIST) are enlarged to at least this many pixels
+MAX_CELL_PX = 64
 PAD_PX = 2
 NAME_PX = 110  # left band for the class names
 LABEL_PX = 14  # band under each image for its learned label
@@ -52,27 +53,31 @@ def write_grid(ds: DistilledSet, path: str | os.PathLike, images_per_class: int 
 
     rows = grid_selection(ds, images_per_class, max_classes)
     cols = max(len(r) for r in rows)
-    pixels = to_pixels(ds.images, ds.spec, ds.zca)  # [N, C, h, w] in [0, 1]
+    pixels = to_pixels(ds.images[torch.cat(rows)], ds.spec, ds.zca)  # [shown, C, h, w] in [0, 1]
+    stride = math.ceil(max(pixels.shape[2:]) / MAX_CELL_PX)  # large images (ImageNet) shown at most this size
+    pixels = pixels[:, :, ::stride, ::stride]
     h, w = pixels.shape[2:]
     scale = max(1, math.ceil(CELL_PX / max(h, w)))
     cell_h, cell_w = h * scale + PAD_PX, w * scale + PAD_PX
     learned = ds.label_logits is not None
     row_h = cell_h + (LABEL_PX if learned else 0)
     space = "ZCA inverted" if ds.zca is not None else "normalisation undone"
-    shown = f", first {len(rows)} of {ds.spec.num_classes} classes" if len(rows) < ds.spec.num_classes else ""
-    title = [f"{ds.method} · {ds.spec.dataset} · IPC {ds.ipc}{shown} · pixels, {space}"]
+    subset = f", first {len(rows)} of {ds.spec.num_classes} classes" if len(rows) < ds.spec.num_classes else ""
+    title = [f"{ds.method} · {ds.spec.dataset} · IPC {ds.ipc}{subset} · pixels, {space}"]
     if learned:
         title.append("under each image: the top class of its learned label (red: not the row's class)")
     title_px = TITLE_LINE_PX * len(title) + 6
     height = title_px + len(rows) * row_h + PAD_PX
     width = max(MIN_WIDTH_PX, NAME_PX + cols * cell_w + PAD_PX)
     canvas = np.ones((height, width, 3), dtype=np.float32)  # white
+    first = 0  # position in ``pixels`` of the row's first image
     for r, idx in enumerate(rows):
-        for col, i in enumerate(idx.tolist()):
-            img = pixels[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        for col in range(len(idx)):
+            img = pixels[first + col].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
             img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
             y, x = title_px + r * row_h + PAD_PX, NAME_PX + col * cell_w + PAD_PX
             canvas[y:y + h * scale, x:x + w * scale] = img.permute(1, 2, 0).numpy()
+        first += len(idx)
 
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
