@@ -143,7 +143,7 @@ def run_evaluation(
         raise DDKitError(f"full_data_accuracy: must lie in [0, 1], got {full_data_accuracy!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
     loaded = [load_distilled(p) for p in distilled]
-    sets = list(zip(set_names(loaded), distilled, loaded))
+    sets = list(zip(set_names(loaded, distilled, baselines), distilled, loaded))
     for _, path, ds in sets:
         check_compatible(ds, data, where=f"distilled[{Path(path).name}]")
         if ds.zca is not None and data.zca is None:
@@ -197,16 +197,19 @@ def run_evaluation(
     return report
 
 
-def set_names(sets: list[DistilledSet]) -> list[str]:
-    """Each set's name in the report: its method (``sre2l``, ``datm``, ...); ``sre2l_1``, ``sre2l_2``, ... when
-    several sets share one."""
+def set_names(sets: list[DistilledSet], paths: list[str], baselines: list[str]) -> list[str]:
+    """Each set's name in the report: its method (``sre2l``, ``datm``, ...), or ``<method>_<directory>`` where that
+    would be ambiguous (two sets of one method, a set made by ``random`` beside the random baseline), numbered
+    ``_1``, ``_2``, ... if still ambiguous."""
     methods = [ds.method for ds in sets]
+    names = [m if methods.count(m) == 1 and m not in baselines else f"{m}_{Path(p).name}"
+             for m, p in zip(methods, paths)]
     seen: dict[str, int] = {}
-    names = []
-    for m in methods:
-        seen[m] = seen.get(m, 0) + 1
-        names.append(f"{m}_{seen[m]}" if methods.count(m) > 1 else m)
-    return names
+    numbered = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        numbered.append(n if names.count(n) == 1 else f"{n}_{seen[n]}")
+    return numbered
 
 
 def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,3 +62,14 @@ def test_bad_requests(tmp_path):
         run_evaluation(data=data, baselines=["random"], ipc=1, seeds=0, output=str(tmp_path))
     with pytest.raises(DDKitError, match="baselines: must be random or full, got 'herding'"):
         run_evaluation(data=data, baselines=["herding"], ipc=1, output=str(tmp_path))
+
+
+def test_sets_are_named_by_method_and_by_directory_only_where_ambiguous():
+    from ddkit.evaluation.evaluator import set_names
+
+    spec = RealDataModule("digits").spec
+    sets = [DistilledSet(torch.zeros(10, 1, 8, 8), torch.arange(10), spec, 1, m) for m in ("sre2l", "mtt", "mtt",
+                                                                                            "random")]
+    paths = ["a/recover_ipc10", "m1/best", "m2/best", "r/subset"]
+    assert set_names(sets, paths, ["random"]) == ["sre2l", "mtt_best_1", "mtt_best_2", "random_subset"]
+    assert set_names(sets[:2], paths[:2], []) == ["sre2l", "mtt"]
