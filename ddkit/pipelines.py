@@ -13,7 +13,7 @@ So editing a config, or remaking an upstream artifact with different bytes, reru
 it; everything else is reused. A stage whose input is missing (its producer failed) is ``blocked``, not run. Source
 code changes are not tracked: ``force`` names stages to rerun anyway.
 
-:func:`build_plan` writes out the chains of DESIGN.md section 2 for one dataset as such a table::
+:func:`build_plan` writes out the chains of the README's pipelines section for one dataset as such a table::
 
     full:   classifier.fit                                   -> full/metrics.json (the full-data reference)
     sre2l:  sre2l/squeeze.fit -> recover.fit (IPC K) -> relabel.fit (KD student, 1 run)

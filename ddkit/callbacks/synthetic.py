@@ -145,6 +145,10 @@ class PeriodicEvaluation(pl.Callback):
         self.epochs = epochs
         self.protocol = protocol
         self.protocol_options = dict(protocol_options or {})
+        from ddkit.evaluation.protocols import get_protocol
+
+        # A misspelt option fails here, not hours into the run (soft's options are hard's and one more).
+        get_protocol(protocol or "soft", **{**self.protocol_options, "epochs": epochs})
         self.seeds = seeds
         self.first_seed = first_seed
         self.net = net

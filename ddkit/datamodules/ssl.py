@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddkit.datamodules.real import RealDataModule, stratified_subset
+from ddkit.datamodules.real import EpochShuffle, RealDataModule, stratified_subset
 from ddkit.errors import DDKitError
 
 VIEWS = ("simclr", "mocov2", "byol", "swav", "dino")
@@ -164,8 +164,12 @@ class SSLDataModule(RealDataModule):
         return Subset(ds, stratified_subset(self._labels(ds), k, seed).tolist())
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=True)
+        """Shuffled batches of views, the last incomplete batch dropped; with ``shuffle_seed`` the order of epoch
+        ``e`` is the permutation of ``shuffle_seed + e`` (as for RealDataModule)."""
+        order = {"shuffle": True} if self.shuffle_seed is None else \
+            {"sampler": EpochShuffle(len(self.train_set), self.shuffle_seed)}
+        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=True, **order)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.bank_set, shuffle=False), self._loader(self.query_set, shuffle=False)]

@@ -167,12 +167,21 @@ PROTOCOLS: dict[str, type[Protocol]] = {"hard": HardProtocol, "soft": SoftProtoc
 
 
 def get_protocol(name: str, **overrides: Any) -> Protocol:
-    """The protocol ``name`` with its defaults, some of them overridden (``None`` values are ignored)."""
+    """The protocol ``name`` with its defaults, some of them overridden (``None`` values are ignored).
+
+    Raises:
+        DDKitError: an unknown protocol name, or an override that is not an option of the protocol (a misspelt key
+            would otherwise be dropped without a word).
+    """
     if name not in PROTOCOLS:
         raise DDKitError(f"protocol: unknown name (known: {', '.join(PROTOCOLS)}), got {name!r}")
     cls = PROTOCOLS[name]
     known = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in overrides.items() if v is not None and k in known}
+    for key, value in overrides.items():
+        if key not in known:
+            raise DDKitError(f"protocol_options.{name}.{key}: unknown option of the {name} protocol (known: "
+                             f"{', '.join(sorted(known))}), got {value!r}")
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
     protocol = cls(**kwargs)
     protocol.validate()
     return protocol

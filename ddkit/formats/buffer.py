@@ -1,6 +1,6 @@
 """ExpertBuffer: expert trajectories for trajectory matching (MTT [1], FTD / DATM [2]).
 
-Directory layout (DESIGN.md section 4)::
+Directory layout::
 
     meta.json                   format "ddkit.buffer", version 1, net + net_kwargs, data_spec, parameter names
                                 and shapes in ``net.parameters()`` order, num_params P, epochs, optimizer recipe,

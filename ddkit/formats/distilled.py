@@ -1,6 +1,6 @@
 """DistilledSet: synthetic images with their labels and everything needed to evaluate them.
 
-Directory layout (DESIGN.md section 4)::
+Directory layout::
 
     images.safetensors   images: float32 [N, C, H, W] in the training input space (normalized or ZCA-whitened)
     labels.safetensors   labels: int64 [N]; optional label_logits: float32 [N, K]; optional step_size: float32 []
@@ -26,6 +26,7 @@ from ddkit.formats.common import (
     atomic_dir,
     check_finite,
     load_tensors,
+    read_consistently,
     read_json,
     save_tensors,
     sha256_file,
@@ -120,7 +121,7 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
     if export not in (None, "png", "jpg"):
         raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
     path = Path(path)
-    with atomic_dir(path, field="distilled") as tmp:
+    with atomic_dir(path, field="distilled", fmt=FORMAT) as tmp:
         save_tensors(tmp / "images.safetensors", {"images": ds.images.float()})
         labels = {"labels": ds.labels.long()}
         if ds.label_logits is not None:
@@ -157,8 +158,15 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
 
 
 def load_distilled(path: str | os.PathLike, verify_checksums: bool = True) -> DistilledSet:
-    """Read and validate a DistilledSet directory; any problem is one clear DDKitError."""
-    path = Path(path)
+    """Read and validate a DistilledSet directory; any problem is one clear DDKitError.
+
+    A set replaced by another process while it is read (:func:`save_distilled` swaps directories) is read again,
+    so the result is the old set or the new one, whole.
+    """
+    return read_consistently(path, lambda p: _read_distilled(p, verify_checksums), "distilled")
+
+
+def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
     if not path.is_dir():
         raise DDKitError(f"distilled: directory not found, got {str(path)!r}")
     meta = read_json(path / "meta.json", "distilled.meta")

@@ -257,3 +257,17 @@ def test_two_process_ddp_ssl_fit_finishes(in_tmp):
     assert ckpt["global_step"] == 4
     # the keys of both ranks went into the queue: 4 steps x 2 ranks x 2 directions x 32
     assert int(ckpt["ssl_memory_banks"]["criterion.memory_bank"]["ptr"]) == 4 * 2 * 2 * 32
+
+
+def test_shuffle_seed_fixes_the_view_order_per_epoch():
+    """``shuffle_seed`` orders epoch e by the permutation of seed + e: equal for equal seeds, new every epoch."""
+    def order(seed: int, epoch: int) -> list[int]:
+        dm = SSLDataModule(views="mocov2", dataset="digits", batch_size=64, shuffle_seed=seed)
+        dm.setup("fit")
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(3, 0) == order(3, 0)
+    assert order(3, 0) != order(3, 1) and order(3, 0) != order(4, 0)
+    assert sorted(order(3, 1)) == list(range(len(order(3, 1))))
