@@ -217,9 +217,11 @@ def _fresh_log_roots(trainer) -> list[Path]:
     return roots
 
 
-# Lightning's info lines that every run prints and no user acts on: accelerator banners, the seed line, tips.
+# Lightning's info lines that every run prints and no user acts on: accelerator banners, the seed line, tips, and
+# notices of what the user asked for (the epoch / step limit reached, the --ckpt_path checkpoint restored).
 _CHATTER = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "Seed set to", "Tip:", "💡 Tip:",
-            "Loading `train_dataloader` to estimate")
+            "Loading `train_dataloader` to estimate", "`Trainer.fit` stopped:", "Restoring states from the checkpoint",
+            "Restored all states from the checkpoint", "Loaded model weights from the checkpoint")
 _CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                    "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda")
 # Lightning warnings about the stages' deliberate design (regular expressions matched at the message start).
