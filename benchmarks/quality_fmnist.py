@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from ddkit.errors import DDKitError
 from ddkit.formats.common import atomic_file, write_json
 from ddkit.pipelines import (
+    KD_RECIPES,
     LABELS,
     METHODS,
     OWN_PROTOCOL,
@@ -81,7 +82,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 # The kd protocol takes the Fashion-MNIST relabel configs' recipe (configs/fashion_mnist/{sre2l,scdd}/relabel_ipc10):
 # T 30, Mixup, RandomCrop(pad 4) + flip, AdamW lr 5e-3 / wd 0.01, batch 32, per-epoch cosine.
-KD_OPTIONS = {"temperature": 30.0, "mix": "mixup", "augment": "crop_flip", "lr": 0.005, "batch_size": 32}
+KD_OPTIONS = KD_RECIPES["fashion_mnist"]
 
 
 def make_plan(setting: str, methods=METHODS, ipcs=IPCS, protocols=PROTOCOLS, full: bool = True,

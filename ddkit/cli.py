@@ -1,14 +1,19 @@
-"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate``.
+"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``, ``predict``) plus
+``evaluate``, ``chain`` and ``show``.
 
-Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option.
-Bad input ends with one line ``error: <field>: <problem>, got <value>`` and exit code 2 (``--debug`` shows the
-traceback instead).
+Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option's
+value, ``--model.help <class>`` its documentation. Bad input ends with one line ``error: <field>: <problem>, got
+<value>`` and exit code 2 (``--debug`` shows the traceback instead). Lightning's banners, seed lines and warnings about
+the stages' deliberate design are kept off the console unless ``--verbose`` is given.
+
+Nothing heavy is imported at module level: ``ddkit --help`` answers without loading torch or Lightning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import pickle
 import re
@@ -53,9 +58,11 @@ def _lightning_cli(args: list[str] | None) -> None:
             Without a configured progress bar, Lightning's default is Rich's, which redraws on every step: a few ms
             of CPU per step, 10-15 % of a small recovery step (benchmarks/recover_speed.py). tqdm redraws at most
             10 times a second, so it is the default here.
-            """
-            from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+            When stdout is not a terminal (a log file, a pipe), the default is a periodic one-line status instead
+            (:class:`ddkit.callbacks.progress.LineProgress`). A progress bar named in the config is kept as it is.
+            """
+            from ddkit.callbacks.progress import default_progress_bar
             from ddkit.callbacks.resume import ResumeCheck
             from ddkit.callbacks.rng_state import GlobalRNGState
 
@@ -65,8 +72,8 @@ def _lightning_cli(args: list[str] | None) -> None:
             configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
             configured = configured if isinstance(configured, list) else [configured]
             bar = trainer.progress_bar_callback
-            if isinstance(bar, RichProgressBar) and not any(c is bar for c in configured):
-                trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
+            if bar is not None and not any(c is bar for c in configured):
+                trainer.callbacks[trainer.callbacks.index(bar)] = default_progress_bar()
             return trainer
 
         def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -217,24 +224,41 @@ def _fresh_log_roots(trainer) -> list[Path]:
     return roots
 
 
-def quiet_lightning() -> None:
-    """Drop Lightning's advertising tips, its seed line and a deprecation warning of its own that users cannot act on."""
-    import logging
+# Lightning's info lines that every run prints and no user acts on: accelerator banners, the seed line, tips, and
+# notices of what the user asked for (the epoch / step limit reached, the --ckpt_path checkpoint restored).
+_CHATTER = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "Seed set to", "Tip:", "💡 Tip:",
+            "Loading `train_dataloader` to estimate", "`Trainer.fit` stopped:", "Restoring states from the checkpoint",
+            "Restored all states from the checkpoint", "Loaded model weights from the checkpoint")
+_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                   "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda")
+# Lightning warnings about the stages' deliberate design (regular expressions matched at the message start).
+_DESIGN_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # frozen teachers and probed backbones stay in eval mode on purpose
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # small sets log per epoch
+    r"You have overridden `transfer_batch_to_device` in `LightningModule`",  # recover places its job steps itself
+    r".*LeafSpec",  # a deprecation inside Lightning's own code
+)
+
+
+def _no_chatter(record: logging.LogRecord) -> bool:
+    """A logging filter dropping the :data:`_CHATTER` lines (one function: adding it again is a no-op)."""
+    return not str(record.msg).lstrip().startswith(_CHATTER)
+
+
+def quiet_lightning(verbose: bool = False) -> None:
+    """Keep Lightning's chatter and its warnings about the stages' deliberate design off the console (unless
+    ``verbose``); what remains is the stage's own output, progress and results."""
     import warnings
 
-    class _NoTips(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Tip:" not in str(record.msg)
-
-    class _NoSeedLine(logging.Filter):
-        # "Seed set to 0" comes before a bad option is found, making the error two lines; the seed is in the config.
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Seed set to" not in str(record.msg)
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoTips())
-    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_NoSeedLine())
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    for name in _CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if verbose:
+            logger.removeFilter(_no_chatter)
+        else:
+            logger.addFilter(_no_chatter)
+    if not verbose:
+        for pattern in _DESIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
 
 
 def _quiet_full_disk_in_threads(args: threading.ExceptHookArgs) -> None:
@@ -246,7 +270,15 @@ def _quiet_full_disk_in_threads(args: threading.ExceptHookArgs) -> None:
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_lightning()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        sys.exit(0)
+    verbose = "--verbose" in argv or os.environ.get("DDKIT_VERBOSE") == "1"
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        if from_command_line:
+            sys.argv.remove("--verbose")
+    quiet_lightning(verbose)
     threading.excepthook = _quiet_full_disk_in_threads
     debug = "--debug" in argv
     if debug:
@@ -259,6 +291,14 @@ def main(argv: list[str] | None = None) -> None:
             from ddkit.evaluation.cli import evaluate_cli
 
             evaluate_cli(argv[1:])
+        elif argv[0] == "chain":
+            from ddkit.chain import chain_cli
+
+            chain_cli(argv[1:])
+        elif argv[0] == "show":
+            from ddkit.show import show_cli
+
+            show_cli(argv[1:])
         else:
             # LightningCLI reads sys.argv itself; giving it both is reported as a likely mistake.
             _lightning_cli(None if from_command_line else argv)
@@ -277,6 +317,26 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise
         sys.exit(2)
+
+
+HELP = """usage: ddkit <command> [options]      (ddkit <command> --help: the command's options)
+
+Dataset distillation on PyTorch Lightning.
+
+commands:
+  fit        train one stage: ddkit fit -c configs/<dataset>/<method>/<stage>.yaml
+  validate   one pass over the validation split: ddkit validate -c <config> --ckpt_path <checkpoint>
+  test       one pass over the test split: ddkit test -c <config> --ckpt_path <checkpoint>
+  predict    predictions of a trained stage: ddkit predict -c <config> --ckpt_path <checkpoint>
+  evaluate   train fresh networks on distilled sets under a protocol, report test accuracy (mean ± std)
+  chain      a method's whole chain in one command, cached stages skipped: ddkit chain sre2l --data digits
+  show       write a PNG grid of a distilled set and print where: ddkit show <DistilledSet directory>
+
+options of every command:
+  --verbose  keep Lightning's banners, seed lines and warnings about the stages' design on the console
+  --debug    show the traceback of an error instead of one line
+
+Stage options: ddkit fit -c <config> --print_config (values), --model.help <class> (documentation)."""
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Given value:", "Problem with given",

@@ -10,19 +10,22 @@ iterations (the reductions are the ``extra`` overrides below, printed with every
 - the random real subset;
 
 then ``ddkit evaluate`` of every set under its own method's protocol (``--all-protocols``: under hard, soft and kd),
-3 seeds each. Every stage is an ordinary ``ddkit`` command run in this process; artifacts, stamps, logs and reports
-go to ``demo_out/``, and a second run reuses whatever is unchanged (``--force 'sre2l_*'`` reruns stages by name).
+3 seeds each. Every stage is an ordinary ``ddkit`` command run in this process; artifacts, stamps and reports go to
+``demo_out/``, every TensorBoard run (evaluations included) to ``demo_out/runs``, and a second run reuses whatever
+is unchanged (``--force 'sre2l_*'`` reruns stages by name). ``--verbose`` shows Lightning's banners and warnings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from ddkit.formats.common import atomic_file, write_json
 from ddkit.pipelines import (
+    KD_RECIPES,
     LABELS,
     OWN_PROTOCOL,
     Plan,
@@ -49,16 +52,13 @@ DEMO_EXTRA: dict[str, tuple[str, ...]] = {
     "relabel": ("--trainer.max_epochs", "200"),  # with Mixup the KD student needs the epochs: 50 gave 13 %
     "distill": ("--trainer.max_steps", "100"),
 }
-# The kd protocol takes the digits relabel configs' recipe: T 30, Mixup, no crop / flip (a flipped digit is another
-# digit), AdamW lr 5e-3, batch 32.
-DEMO_KD = {"temperature": 30.0, "mix": "mixup", "augment": "none", "lr": 0.005, "batch_size": 32}
 
 
 def demo_plan(all_protocols: bool = False, root: str = OUT) -> Plan:
     """The digits plan of ``make demo``."""
     return Plan(dataset="digits", root=root, ipcs=(10,), own_protocol_only=not all_protocols, seeds=3,
-                eval_net_kwargs={"depth": 3, "width": 32, "norm": "instance"}, eval_epochs=100, kd_options=DEMO_KD,
-                extra=DEMO_EXTRA)
+                eval_net_kwargs={"depth": 3, "width": 32, "norm": "instance"}, eval_epochs=100,
+                kd_options=KD_RECIPES["digits"], extra=DEMO_EXTRA, log_dir=f"{root}/runs")
 
 
 def summary(doc: dict) -> str:
@@ -94,7 +94,10 @@ def run(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default 1: digits-sized tensors gain nothing from more)")
     parser.add_argument("--root", default=OUT, help="output folder")
     parser.add_argument("--dry-run", action="store_true", help="list the stages and their cache state, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="keep Lightning's banners, seed lines and warnings")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["DDKIT_VERBOSE"] = "1"  # read by every stage's ddkit.cli.main
     start, cpu0 = time.perf_counter(), cpu_seconds()
     set_threads(args.threads)
     plan = demo_plan(args.all_protocols, args.root)
@@ -112,8 +115,11 @@ def run(argv: list[str] | None = None) -> int:
     with atomic_file(Path(plan.root) / "table.md") as tmp:
         tmp.write_text(text)
     print("\n" + text)
-    print(f"demo wall time {doc['total_wall_time_s']:.0f} s, CPU time {doc['total_cpu_s']:.0f} s; table: {plan.root}/table.md; TensorBoard: "
-          f"tensorboard --logdir {plan.root}/runs")
+    print("Pictures of the distilled sets (one row per class):")
+    for (m, k), path in built.sets.items():
+        print(f"  {LABELS[m]}, IPC {k}: {path}/grid.png")
+    print(f"demo wall time {doc['total_wall_time_s']:.0f} s, CPU time {doc['total_cpu_s']:.0f} s; "
+          f"table: {plan.root}/table.md; TensorBoard (every stage and evaluation): tensorboard --logdir {plan.log_dir}")
     bad = [r for r in results if r.status in ("failed", "blocked")]
     for r in bad:
         print(f"{r.status}: {r.name}: {r.error}", file=sys.stderr)

@@ -212,6 +212,8 @@ def run_in_process(argv: list[str]) -> None:
     """
     from ddkit.cli import main
 
+    # LightningCLI reads sys.argv too: this process's own arguments are not the stage's.
+    own_argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         main(list(argv))
     except SystemExit as e:
@@ -222,6 +224,8 @@ def run_in_process(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - any failure of one stage is reported, the others go on
         traceback.print_exc()
         raise StageFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        sys.argv = own_argv
 
 
 def set_threads(n: int) -> None:
@@ -440,6 +444,12 @@ PROTOCOLS = ("hard", "soft", "kd")
 OWN_PROTOCOL = {"random": "hard", "sre2l": "kd", "scdd": "kd", "mtt": "hard", "datm": "soft"}
 ZCA_METHODS = ("datm",)  # sets made from a ZCA-whitened buffer: evaluated (and kd-taught) in that space
 QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+# The kd protocol takes each dataset's relabel-config recipe (configs/<dataset>/{sre2l,scdd}/relabel_ipc10.yaml):
+# T 30, Mixup, AdamW lr 5e-3, batch 32; no crop / flip on digits (a flipped digit is another digit).
+KD_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": {"temperature": 30.0, "mix": "mixup", "augment": "none", "lr": 0.005, "batch_size": 32},
+    "fashion_mnist": {"temperature": 30.0, "mix": "mixup", "augment": "crop_flip", "lr": 0.005, "batch_size": 32},
+}
 
 
 @dataclass(frozen=True)
@@ -464,6 +474,9 @@ class Plan:
         eval_dir: folder (under ``root``) of the evaluation reports; one per evaluation setting, so that switching
             settings does not overwrite the other setting's cells.
         progress_bars: keep Lightning's progress bars and model summaries.
+        log_dir: where every TensorBoard run goes, the evaluations' curves included
+            (``<log_dir>/evaluate/<method>_ipc<K>_<protocol>``); ``None``: the stages' runs to ``<root>/runs``, the
+            evaluations' curves beside their reports.
     """
 
     dataset: str
@@ -481,6 +494,7 @@ class Plan:
     config_dir: str = "configs"
     eval_dir: str = "eval"
     progress_bars: bool = False
+    log_dir: str | None = None
 
     def validate(self) -> None:
         for m in self.methods:
@@ -529,7 +543,8 @@ def build_plan(plan: Plan) -> Built:
     """
     plan.validate()
     R, C = plan.root, f"{plan.config_dir}/{plan.dataset}"
-    fit_common = ["--trainer.logger.init_args.save_dir", f"{R}/runs"] + ([] if plan.progress_bars else list(QUIET))
+    logs = plan.log_dir or f"{R}/runs"
+    fit_common = ["--trainer.logger.init_args.save_dir", logs] + ([] if plan.progress_bars else list(QUIET))
     stages: dict[str, Stage] = {}
 
     def fit(name: str, kind: str, method: str, config: str, overrides: list[str], outputs: list[str],
@@ -629,6 +644,7 @@ def build_plan(plan: Plan) -> Built:
                     *opts, "--seeds", str(plan.seeds), "--net", "convnet", "--net_kwargs", net_kwargs,
                     *(["--epochs", str(plan.eval_epochs)] if plan.eval_epochs else []),
                     "--output", out, "--progress", "true" if plan.progress_bars else "false",
+                    *(["--log_dir", f"{logs}/evaluate/{m}_ipc{k}_{p}"] if plan.log_dir else []),
                     *plan.extra.get("evaluate", ())]
             s = Stage(f"eval_{m}_ipc{k}_{p}", tuple(argv), (out,), tuple(inputs), (), "evaluate", m, k)
             stages[s.name] = s

@@ -1,6 +1,10 @@
-"""The ddkit command: help, print_config, a digits fit, precision, and one-line errors."""
+"""The ddkit command: help, quiet output, print_config, a digits fit, precision, and one-line errors."""
 
 import csv
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,12 +22,66 @@ def last_metric(csv_path: Path, key: str) -> float:
     return float(rows[-1][key])
 
 
-def test_help_lists_the_subcommands(capsys):
+COMMANDS = ("fit", "validate", "test", "predict", "evaluate", "chain", "show")
+
+
+def test_help_lists_every_command_on_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert all(cmd in out for cmd in ("fit", "validate", "test"))
+    listed = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ") and ln.strip()]
+    assert [c for c in listed if c in COMMANDS] == list(COMMANDS)
+
+
+def test_help_imports_neither_torch_nor_lightning(in_tmp):
+    code = ("import sys\nfrom ddkit.cli import main\nsys.argv = ['ddkit', '--help']\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=in_tmp, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert "evaluate" in res.stdout and res.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def quiet_env() -> dict[str, str]:
+    """The environment a user's shell gives: no PYTHONWARNINGS (Python's default warning filters)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def run_fit(cwd: Path, *extra: str) -> list[str]:
+    """``ddkit fit`` of the digits classifier for one epoch, stdout a pipe (not a terminal); stdout + stderr lines."""
+    res = subprocess.run([sys.executable, "-m", "ddkit.cli", "fit", "-c", DIGITS, "--trainer.max_epochs", "1",
+                          *extra], cwd=cwd, env=quiet_env(), capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return (res.stdout + res.stderr).splitlines()
+
+
+def test_a_fit_with_stdout_not_a_terminal_prints_no_chatter_and_a_status_line(in_tmp):
+    lines = run_fit(in_tmp)
+    text = "\n".join(lines)
+    for chatter in ("GPU available", "TPU available", "Seed set"):
+        assert chatter not in text
+    assert not [ln for ln in lines if "Warning" in ln or "site-packages" in ln or "warnings.warn" in ln], text
+    assert len(lines) < 30, text
+    assert "\r" not in text  # no progress-bar redraws in a log file
+    assert any(ln.startswith("epoch 1/1 step 22") and "val/acc" in ln for ln in lines), text  # the status line
+
+
+def test_verbose_brings_the_chatter_back(in_tmp):
+    text = "\n".join(run_fit(in_tmp, "--verbose", "--trainer.limit_train_batches", "2"))
+    assert "Seed set to 0" in text and "GPU available" in text
+
+
+def test_a_buffer_sets_its_epochs_without_lightnings_max_epochs_warning(in_tmp):
+    buffer = str(REPO / "configs/digits/mtt/buffer.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "-c", buffer, "--model.init_args.buffer", "buf", "--model.init_args.num_experts", "1",
+              "--model.init_args.epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", "ckpt"])
+    assert not [w for w in caught if "max_epochs" in str(w.message)]
+    assert sorted(p.name for p in Path("buf").iterdir()) == ["expert_0000.safetensors", "meta.json"]
 
 
 def test_print_config_documents_every_model_option(capsys):

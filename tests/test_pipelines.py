@@ -299,3 +299,18 @@ def test_a_signal_during_a_stage_stops_the_session_without_a_stamp(chain):
     assert (root / "a.txt").read_text() == "partial" and not (root / "a.txt.stamp.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
     assert statuses(run_stages(stages.values(), root, runner, log=lambda s: None)) == {"a": "ran", "b": "ran"}
+
+
+def test_the_demo_plan_logs_every_run_under_its_one_log_dir():
+    from ddkit.demo import demo_plan
+
+    built = build_plan(demo_plan(root="d"))
+    for s in built.stages:
+        argv = list(s.argv)
+        if s.kind == "evaluate":
+            assert argv[argv.index("--log_dir") + 1] == f"d/runs/evaluate/{s.name.removeprefix('eval_')}"
+        else:
+            assert argv[argv.index("--trainer.logger.init_args.save_dir") + 1] == "d/runs"
+    # without a log_dir (the benchmark's plans) the evaluation command lines, and so their cache, are unchanged
+    plain = build_plan(Plan(dataset="digits", root="r"))
+    assert not [s for s in plain.stages if "--log_dir" in s.argv]

@@ -8,6 +8,7 @@ provides a validation split carved from the training set (``val_set``). Files an
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import warnings
@@ -22,21 +23,28 @@ from torch.utils.data import DataLoader
 from ddkit.errors import DDKitError
 from ddkit.formats.distilled import DistilledSet, save_distilled, to_pixels
 
+TB_CELL_PX = 32  # images smaller than this are enlarged (nearest) so a grid is readable at TensorBoard's size
+
 
 def image_grid(ds: DistilledSet, images_per_class: int = 10) -> torch.Tensor:
-    """``[C, H', W']`` grid in [0, 1] pixels (normalisation or ZCA undone): one row per class, at most
-    ``images_per_class`` images per row."""
+    """``[C, H', W']`` grid in [0, 1] pixels (normalisation or ZCA undone) covering every class: each class's first
+    ``images_per_class`` images side by side, classes in label order, several classes per grid row when there are
+    many (so the grid stays about square), images enlarged to at least :data:`TB_CELL_PX` pixels."""
     from torchvision.utils import make_grid
 
     k = min(images_per_class, ds.ipc)
+    classes_per_row = max(1, round(math.sqrt(ds.spec.num_classes / k)))
     rows = [torch.nonzero(ds.labels == c).flatten()[:k] for c in range(ds.spec.num_classes)]
     pixels = to_pixels(ds.images[torch.cat(rows)], ds.spec, ds.zca)
-    return make_grid(pixels, nrow=k, padding=1, pad_value=1.0)
+    scale = max(1, math.ceil(TB_CELL_PX / max(pixels.shape[2:])))
+    pixels = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    return make_grid(pixels, nrow=k * classes_per_row, padding=1, pad_value=1.0)
 
 
-def log_image_grid(trainer: pl.Trainer, ds: DistilledSet, step: int, tag: str = "synthetic/images",
+def log_image_grid(trainer: pl.Trainer, ds: DistilledSet, step: int, tag: str,
                    images_per_class: int = 10) -> None:
-    """Add the set's image grid to every TensorBoard logger of ``trainer``."""
+    """Add the set's image grid to every TensorBoard logger of ``trainer`` under ``tag`` (``<stage>/set``, so that
+    TensorBoard groups it with the stage's other cards)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     grid = None
@@ -81,7 +89,7 @@ class PeriodicEvaluation(pl.Callback):
     (never the test split); keep the best set as its own DistilledSet; log the accuracy and an image grid.
 
     Metrics (TensorBoard, at step = iterations done): ``val/acc`` (mean over ``seeds``), ``val/best_acc``; images:
-    ``synthetic/images``.
+    ``matching/set`` (every class).
 
     Args:
         eval_every: iterations between evaluations (0: only at the end, if ``at_end``).
@@ -247,7 +255,7 @@ class PeriodicEvaluation(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"val/acc": acc, "val/best_acc": self.best_acc}, step=it)
         if self.log_images:
-            log_image_grid(trainer, ds, it, images_per_class=self.images_per_class)
+            log_image_grid(trainer, ds, it, "matching/set", images_per_class=self.images_per_class)
         return acc
 
     def best_path(self, pl_module: pl.LightningModule) -> Path:

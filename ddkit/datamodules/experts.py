@@ -156,6 +156,10 @@ class ExpertSegments(RealDataModule):
         xs, ys = zip(*DataLoader(ds, batch_size=1024, shuffle=False))
         return torch.cat(xs), torch.cat(ys)
 
+    # No validation loop: matching has no validation_step, PeriodicEvaluation scores sets on ``val_set`` itself.
+    # (None, not a method: Lightning then sees no val_dataloader and does not warn about the missing step.)
+    val_dataloader = None
+
     def train_dataloader(self) -> StepTokens:
         trainer = getattr(self, "trainer", None)
         steps = trainer.max_steps if trainer is not None and trainer.max_steps and trainer.max_steps > 0 else None

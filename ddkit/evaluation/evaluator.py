@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from ddkit.callbacks.progress import default_progress_bar
 from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
 from ddkit.errors import DDKitError
@@ -59,6 +60,7 @@ def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: d
     module = protocol.make_module(ds.spec, net, net_kwargs, ds)
     loader = protocol.train_loader(ds)  # None: the module samples ds itself (kd)
     logger = TensorBoardLogger(log_dir, name=run_name, version=f"seed{seed}") if log_dir else False
+    progress = trainer_kwargs.get("enable_progress_bar", True)
     trainer = L.Trainer(
         max_epochs=protocol.epochs,
         logger=logger,
@@ -67,10 +69,11 @@ def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: d
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         check_val_every_n_epoch=eval_every if eval_every > 0 else protocol.epochs + 1,
-        limit_val_batches=1.0 if eval_every > 0 else 0,
+        limit_val_batches=1.0 if eval_every > 0 else 0,  # the test split as validation: curves only
+        callbacks=[default_progress_bar()] if progress else None,
         **trainer_kwargs,
     )
-    trainer.fit(module, loader, val_dataloaders=test_loader if eval_every > 0 else None)
+    trainer.fit(module, loader, val_dataloaders=test_loader)
     metrics = trainer.test(module, test_loader, verbose=False)
     return float(metrics[0]["test/acc"])
 
@@ -98,6 +101,7 @@ def run_evaluation(
     full_data_accuracy: float | None = None,
     output: str = "reports/evaluation",
     overwrite: bool = False,
+    log_dir: str | None = None,
     eval_every: int = 0,
     accelerator: str = "auto",
     devices: int = 1,
@@ -121,8 +125,9 @@ def run_evaluation(
         epochs: override every protocol's number of epochs (e.g. for quick runs).
         full_epochs: epochs of the ``full`` baseline.
         full_data_accuracy: a known full-data accuracy (in [0, 1]) to print as the reference instead of training one.
-        output: directory of report.json, report.md and the TensorBoard curves (``output/tb``).
+        output: directory of report.json and report.md.
         overwrite: replace an earlier report in ``output`` (False: refuse it before any training).
+        log_dir: directory of the TensorBoard curves (``<protocol>/<set>/seed<k>``); ``None``: ``<output>/tb``.
         eval_every: also test every this many epochs to draw test-accuracy curves in TensorBoard (0: only at the end).
         accelerator: Lightning accelerator.
         devices: devices per evaluation run.
@@ -147,9 +152,10 @@ def run_evaluation(
             raise DDKitError(f"protocol_options.{name}: not a protocol (known: {', '.join(PROTOCOLS)}), "
                              f"got {options[name]!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
-    sets = [(Path(p).name, p, load_distilled(p)) for p in distilled]
-    for name, _, ds in sets:
-        check_compatible(ds, data, where=f"distilled[{name}]")
+    loaded = [load_distilled(p) for p in distilled]
+    sets = list(zip(set_names(loaded, distilled, baselines), distilled, loaded))
+    for _, path, ds in sets:
+        check_compatible(ds, data, where=f"distilled[{Path(path).name}]")
         if ds.zca is not None and data.zca is None:
             from ddkit.ops.zca import ZCA
 
@@ -169,7 +175,7 @@ def run_evaluation(
         test_loader = DataLoader(data.test_set, batch_size=1024, shuffle=False)
         trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision,
                           "enable_progress_bar": progress}
-        log_dir = str(Path(output) / "tb")
+        log_dir = log_dir or str(Path(output) / "tb")
         net_kwargs = dict(net_kwargs or {})
         results: list[Result] = []
         for protocol in resolved:
@@ -213,6 +219,21 @@ def _removed_on_failure(output: Path) -> Iterator[None]:
         if created:
             shutil.rmtree(output, ignore_errors=True)
         raise
+
+
+def set_names(sets: list[DistilledSet], paths: list[str], baselines: list[str]) -> list[str]:
+    """Each set's name in the report: its method (``sre2l``, ``datm``, ...), or ``<method>_<directory>`` where that
+    would be ambiguous (two sets of one method, a set made by ``random`` beside the random baseline), numbered
+    ``_1``, ``_2``, ... if still ambiguous."""
+    methods = [ds.method for ds in sets]
+    names = [m if methods.count(m) == 1 and m not in baselines else f"{m}_{Path(p).name}"
+             for m, p in zip(methods, paths)]
+    seen: dict[str, int] = {}
+    numbered = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        numbered.append(n if names.count(n) == 1 else f"{n}_{seen[n]}")
+    return numbered
 
 
 def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:

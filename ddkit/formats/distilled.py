@@ -7,6 +7,7 @@ Directory layout::
     zca.safetensors      optional: the ZCA transform the images live in
     meta.json            format, version, data_spec, ipc, method, config, teacher, sha256 of each tensor file
     images/              optional SRe2L-compatible ImageFolder: new{c:03d}/class{c:03d}_id{i:03d}.png
+    grid.png             a picture of the set, one row per class (``ddkit show`` redraws it)
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class DistilledSet:
 
 
 def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None = None) -> Path:
-    """Validate ``ds`` and write it to the directory ``path`` atomically (temp dir, then rename).
+    """Validate ``ds`` and write it to the directory ``path`` atomically (temp dir, then rename), with its
+    ``grid.png``.
 
     Args:
         export: also write the SRe2L-compatible image folder, as ``png`` or ``jpg`` (None: no image files).
@@ -132,6 +134,9 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
             save_tensors(tmp / "zca.safetensors", ds.zca)
         if export is not None:
             export_image_folder(ds, tmp / "images", export)
+        from ddkit.formats.grid import GRID_FILE, write_grid
+
+        write_grid(ds, tmp / GRID_FILE)
         files = {name: sha256_file(tmp / name) for name in TENSOR_FILES if (tmp / name).is_file()}
         write_json(tmp / "meta.json", {
             "format": FORMAT,

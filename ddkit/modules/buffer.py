@@ -292,7 +292,7 @@ class ExpertTraining(L.LightningModule):
         acc = (passes[0].argmax(1) == y).float().mean()
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, rank_zero_only=True)
         self.log("train/acc", acc, on_step=False, on_epoch=True, rank_zero_only=True)
-        self.log("expert", float(expert), on_step=False, on_epoch=True, rank_zero_only=True)
+        self.log("train/expert", float(expert), on_step=False, on_epoch=True, rank_zero_only=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         if self.expert_index is None:

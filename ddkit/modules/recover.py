@@ -462,6 +462,10 @@ class Recover(L.LightningModule):
             },
         )
         save_distilled(ds, self.hparams.output, export=self.hparams.export)
+        if self._step_options.log_images_every_n_steps > 0:
+            from ddkit.callbacks.synthetic import log_image_grid
+
+            log_image_grid(self.trainer, ds, self._steps_done, "recover/set")
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _restore_rank_state(self, state: dict[str, Any]) -> None:
@@ -517,7 +521,7 @@ class Recover(L.LightningModule):
         pixels = to_pixels(self.images[: batch.class_count], self.spec)
         grid = make_grid(pixels, nrow=max(1, math.ceil(math.sqrt(batch.class_count))), padding=1)
         for logger in loggers:
-            logger.experiment.add_image("recover/images", grid, global_step=self._steps_done)
+            logger.experiment.add_image("recover/job", grid, global_step=self._steps_done)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

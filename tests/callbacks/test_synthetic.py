@@ -62,7 +62,7 @@ def test_evaluates_on_the_validation_split_and_keeps_the_best_set(buffer_dir, tm
 
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
     events.Reload()
-    assert "synthetic/images" in events.Tags()["images"]
+    assert "matching/set" in events.Tags()["images"]
     assert [e.step for e in events.Scalars("val/acc")] == [2, 4, 5]
     assert {"matching/loss", "matching/step_size", "matching/start_epoch_upper_bound",
             "matching/threshold_skips"} <= set(events.Tags()["scalars"])
@@ -110,10 +110,22 @@ def test_image_grid_undoes_normalisation():
     images = torch.randn(6, 1, 4, 4)
     ds = DistilledSet(images=images, labels=torch.tensor([0, 0, 1, 1, 2, 2]), spec=spec, ipc=2, method="mtt")
     grid = image_grid(ds)
-    assert grid.shape == (3, 3 * 5 + 1, 2 * 5 + 1)  # one row per class, ipc columns, 1-px padding
-    pixels = to_pixels(images, spec)
-    torch.testing.assert_close(grid[0, 1:5, 1:5], pixels[0, 0])  # class 0, first image
-    torch.testing.assert_close(grid[0, 11:15, 6:10], pixels[5, 0])  # class 2, second image
+    # one row per class, ipc columns, 4-px images enlarged 8x to 32 px, 1-px padding
+    assert grid.shape == (3, 3 * 33 + 1, 2 * 33 + 1)
+    pixels = to_pixels(images, spec).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    torch.testing.assert_close(grid[0, 1:33, 1:33], pixels[0, 0])  # class 0, first image
+    torch.testing.assert_close(grid[0, 67:99, 34:66], pixels[5, 0])  # class 2, second image
+
+
+def test_image_grid_of_many_classes_stays_about_square_and_shows_every_class():
+    spec = DataSpec("many", 100, 1, 32, (0.0,), (1.0,))
+    labels = torch.arange(100).repeat_interleave(10)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 32, 32) / 100  # each class its own grey level
+    grid = image_grid(DistilledSet(images=images.contiguous(), labels=labels, spec=spec, ipc=10, method="t"))
+    assert grid.shape == (3, 34 * 33 + 1, 30 * 33 + 1)  # 3 classes of 10 images per row, 34 rows
+    levels = {round(float(grid[0, 1 + 33 * r, 1 + 33 * c]) * 100) for r in range(34) for c in range(0, 30, 10)
+              if 3 * r + c // 10 < 100}
+    assert levels == set(range(100))
 
 
 def test_bad_options():

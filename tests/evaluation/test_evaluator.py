@@ -42,14 +42,15 @@ def test_random_baseline_and_a_distilled_set_under_two_protocols(tmp_path):
                             protocols=["hard", "soft"], seeds=2, epochs=150, net_kwargs={"width": 16},
                             output=str(tmp_path / "out"), accelerator="cpu", progress=False)
     names = [(r["name"], r["protocol"]["name"]) for r in report["results"]]
-    assert names == [("set", "hard"), ("random", "hard"), ("set", "soft"), ("random", "soft")]
+    # a set is named by its method, not by its directory
+    assert names == [("handpicked", "hard"), ("random", "hard"), ("handpicked", "soft"), ("random", "soft")]
     for r in report["results"]:
         assert len(r["accuracies"]) == 2 and r["mean"] > 0.5  # 50 images, 150 steps: well above chance (0.1)
         assert r["ipc"] == 5
     on_disk = json.loads((tmp_path / "out/report.json").read_text())
     assert on_disk["results"][0]["accuracies"] == report["results"][0]["accuracies"]
     md = (tmp_path / "out/report.md").read_text()
-    assert "| set | 5 |" in md and "| random | 5 |" in md and "name=hard" in md
+    assert "| handpicked | 5 |" in md and "| random | 5 |" in md and "name=hard" in md
     assert any((tmp_path / "out/tb").rglob("events.out.tfevents.*"))
 
 
@@ -61,3 +62,14 @@ def test_bad_requests(tmp_path):
         run_evaluation(data=data, baselines=["random"], ipc=1, seeds=0, output=str(tmp_path))
     with pytest.raises(DDKitError, match="baselines: must be random or full, got 'herding'"):
         run_evaluation(data=data, baselines=["herding"], ipc=1, output=str(tmp_path))
+
+
+def test_sets_are_named_by_method_and_by_directory_only_where_ambiguous():
+    from ddkit.evaluation.evaluator import set_names
+
+    spec = RealDataModule("digits").spec
+    sets = [DistilledSet(torch.zeros(10, 1, 8, 8), torch.arange(10), spec, 1, m) for m in ("sre2l", "mtt", "mtt",
+                                                                                            "random")]
+    paths = ["a/recover_ipc10", "m1/best", "m2/best", "r/subset"]
+    assert set_names(sets, paths, ["random"]) == ["sre2l", "mtt_best_1", "mtt_best_2", "random_subset"]
+    assert set_names(sets[:2], paths[:2], []) == ["sre2l", "mtt"]

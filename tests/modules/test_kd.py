@@ -319,7 +319,9 @@ def test_kd_protocol_through_run_evaluation(distilled, teacher, tmp_path) -> Non
                             net="convnet", net_kwargs={"depth": 2, "width": 16}, progress=False)
     on_disk = json.loads((tmp_path / "r" / "report.json").read_text())
     assert on_disk["protocols"][0]["name"] == "kd" and on_disk["protocols"][0]["augment"] == "auto"
-    assert [(r["name"], r["protocol"]["name"]) for r in report["results"]] == [("digits_ipc10", "kd"), ("random", "kd")]
+    # a set made by `random` beside the random baseline: named by method and directory
+    assert [(r["name"], r["protocol"]["name"]) for r in report["results"]] == [("random_digits_ipc10", "kd"),
+                                                                               ("random", "kd")]
     assert all(0 <= r["mean"] <= 1 for r in on_disk["results"])
     assert "| set | IPC | kd |" in (tmp_path / "r" / "report.md").read_text()
     made = sorted(p for p in stores.iterdir())  # one store per training set and seed
