@@ -173,3 +173,57 @@ def test_a_checkpoint_is_resumed_only_by_its_own_stage_with_its_own_options(tmp_
     assert _tree(tmp_path) == before
     res = run_ddkit([*CLASSIFIER, "--trainer.max_epochs", "2", "--ckpt_path", ckpt], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_claim_output_rules(tmp_path, monkeypatch):
+    """Each kind of output: what may be written, what needs overwrite, what is always refused."""
+    import pytest
+
+    from ddkit.errors import DDKitError
+    from ddkit.formats.buffer import expert_file
+    from ddkit.formats.output import claim_output
+
+    monkeypatch.chdir(tmp_path)
+
+    def refused(path, kind, match, **kw):
+        with pytest.raises(DDKitError, match=match):
+            claim_output(path, "output", kind, kw.get("overwrite", False), kw.get("resuming", False), kw.get("writes"))
+
+    claim_output(tmp_path / "new" / "deep", "output", "distilled", False, False)  # absent: fine, nothing made
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    claim_output(tmp_path / "empty", "output", "distilled", False, False)
+    spec = RealDataModule("digits").spec
+    save_distilled(DistilledSet(images=torch.zeros(10, 1, 8, 8), labels=torch.arange(10), spec=spec, ipc=1,
+                                method="random"), tmp_path / "set")
+    refused(tmp_path / "set", "distilled", "already holds a DistilledSet from an earlier run")
+    claim_output(tmp_path / "set", "output", "distilled", True, False)
+    claim_output(tmp_path / "set", "output", "distilled", False, True)
+    refused(tmp_path / "set", "buffer", "not a ddkit ExpertBuffer", overwrite=True)  # another kind: never
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ".git").mkdir()
+    (tmp_path / "mine" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    refused(tmp_path / "mine", "distilled", "not a ddkit DistilledSet", overwrite=True)
+    refused(tmp_path / "mine" / ".git", "report", "not a ddkit evaluation report", overwrite=True)
+    refused(tmp_path, "report", "must not be the working directory")
+    refused(tmp_path / "set" / "meta.json", "distilled", "must be a directory")
+    # A matching run with what a kill may leave behind (a half-swapped copy of last/) is still that run.
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / ".last.old-x1").mkdir()
+    (run / "checkpoints").mkdir()
+    claim_output(run, "output", "matching", False, True)
+    refused(run, "matching", "already holds a trajectory-matching run")
+    # A buffer: adding experts it does not hold needs no option; training one it holds again does.
+    buffer = tmp_path / "buffer"
+    buffer.mkdir()
+    (buffer / "meta.json").write_text('{"format": "ddkit.buffer"}')
+    (buffer / expert_file(0)).write_bytes(b"x")
+    claim_output(buffer, "buffer", "buffer", False, False, writes=[expert_file(1), expert_file(2)])
+    refused(buffer, "buffer", "already holds an? ExpertBuffer", writes=[expert_file(0), expert_file(1)])
+    # A teacher file: a ddkit teacher may be replaced with overwrite; any other file never.
+    teacher = _teacher(tmp_path / "teacher.safetensors")
+    refused(teacher, "teacher", "already holds a teacher checkpoint")
+    claim_output(teacher, "export_teacher", "teacher", True, False)
+    (tmp_path / "notes.safetensors").write_text("mine")
+    refused(tmp_path / "notes.safetensors", "teacher", "not a ddkit teacher checkpoint", overwrite=True)

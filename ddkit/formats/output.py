@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ def _teacher_header(path: Path) -> bool:
 
 
 def _entries(path: Path) -> set[str]:
-    return {p.name for p in path.iterdir()}
+    """The names in ``path``, less ddkit's own hidden siblings of what it writes there (a temporary or old copy of
+    a set left by a kill, a lock, recover's work folder)."""
+    return {p.name for p in path.iterdir() if not re.fullmatch(r"\..+\.(tmp-.+|old-.+|lock|work)", p.name)}
 
 
 @dataclass(frozen=True)
