@@ -27,6 +27,7 @@ from pathlib import Path
 # Quieter start-up: these are informational messages that every run would otherwise print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from ddkit.cli_checks import check_command_line, check_run_options
 from ddkit.errors import DDKitError
 
 
@@ -44,6 +45,12 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True})
             parser.link_arguments("data.spec", "model.init_args.data_spec", apply_on="instantiate")
+
+        def parse_arguments(self, parser, args) -> None:
+            """Parse, then check the run options while nothing is built or seeded yet."""
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            check_run_options(self.config[subcommand] if subcommand else self.config)
 
         def instantiate_trainer(self, **kwargs):
             """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState).
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         if from_command_line:
             sys.argv.remove("--debug")
     try:
+        check_command_line(argv)
         if argv and argv[0] == "evaluate":
             from ddkit.evaluation.cli import evaluate_cli
 

@@ -1,6 +1,7 @@
 """Bad input, end to end: every case goes through ``ddkit.cli.main`` in-process (or the public API where the CLI
-cannot reach it) and must end with a non-zero exit, exactly one line ``error: <field>: ...`` on stderr naming the
-field and the bad value, no traceback, and nothing written to the working directory (logs, checkpoints, artifacts).
+cannot reach it) and must end with exit code 2, exactly one line ``error: <field>: ...`` on stderr naming the
+field and the bad value, no traceback, nothing written to the working directory (logs, checkpoints, artifacts) and
+the inputs folder unchanged. (``tests/test_one_line_errors.py`` checks the one line on a real process's stderr.)
 
 Cases (id: what is wrong):
 
@@ -42,6 +43,63 @@ Cases (id: what is wrong):
 - export-teacher-unwritable: classifier ``model.export_teacher`` below a regular file
 - evaluate-ipc-zero: ``ddkit evaluate --ipc 0``
 - option-wrong-type: ``data.batch_size: many`` (not an int; a parser error, reported as one line)
+
+Values inside artifacts (one value of a written artifact edited; ``DISTILLED_EDITS``, ``TEACHER_EDITS``,
+``BUFFER_EDITS``):
+
+- distilled-ipc-string, -ipc-fraction, -ipc-bool, -ipc-absurd: meta.json ``ipc`` is ``"2"``, 2.5, true, 10**15
+- distilled-num-classes-string, -num-classes-huge: ``data_spec.num_classes`` is ``"10"`` or 1e15
+- distilled-image-size-float, -in-chans-zero, -mean-length, -std-zero, -zca-string, -class-names-short,
+  -data-spec-list: other ``data_spec`` fields of the wrong type or size
+- distilled-files-list: ``files`` is not a mapping
+- teacher-header-not-json, -header-no-net, -net-kwargs-list: the teacher's ddkit header is not JSON, lacks
+  ``net``, or its ``net_kwargs`` is a list
+- teacher-pretrained, teacher-checkpoint-path: the teacher asks timm for ``pretrained`` weights or a
+  ``checkpoint_path`` (refused: ddkit builds nets from scratch)
+- teacher-num-classes-huge, teacher-image-size-string: the teacher's ``data_spec`` says 10**15 classes, ``"8"`` px
+- buffer-epochs-string, -net-kwargs-list, -num-classes-huge, -checkpoint-path: the same in a buffer's meta.json
+
+Trainer, seed and checkpoint options (checked before anything is built or seeded):
+
+- devices-zero, devices-negative: ``trainer.devices`` 0 or -2
+- max-epochs-negative, max-steps-negative: ``trainer.max_epochs: -5``, ``trainer.max_steps: -3``
+- accelerator-gpu, accelerator-tpu, accelerator-unknown: an accelerator this machine does not have (gpu: only
+  on a machine without one), or no such accelerator
+- seed-negative: ``seed_everything: -1``
+- checkpoint-every-n-epochs-negative, checkpoint-every-n-train-steps-negative: negative checkpoint intervals
+
+Config files:
+
+- config-empty, config-only-comments: an empty config, one with only comments
+- config-binary, config-latin1: random bytes, a Latin-1 (not UTF-8) file
+- config-not-mapping, config-broken-yaml, config-missing: a YAML list, a YAML syntax error, no such file
+- evaluate-config-empty: ``ddkit evaluate -c`` an empty file
+
+Resource bombs and sizes (bounded before anything is allocated):
+
+- config-alias-bomb: a config whose YAML aliases expand to 12 billion nodes
+- net-kwargs-alias-bomb, net-kwargs-recursive-alias: the same in a command-line value (``model.net_kwargs``)
+- net-width-huge, teacher-width-huge, buffer-width-huge: a ``width`` that makes a net of billions of parameters
+  (the net is first built on the meta device and its parameter count bounded)
+- net-depth-huge, teacher-depth-huge: a ConvNet ``depth`` of a million layers
+- image-size-huge: ``data.image_size: 100000``
+- net-pretrained: ``model.net_kwargs: {pretrained: true}`` for a timm net
+
+Integrity of a distilled set's ``files`` (meta.json):
+
+- distilled-files-empty: tampered images with ``files: {}`` (no checksum would run)
+- distilled-files-escape, distilled-files-absolute: ``../../etc/hostname``, ``/etc/hostname`` listed
+- distilled-files-no-labels, distilled-files-zca-unlisted: a tensor file of the format is not listed
+- distilled-files-digest: a checksum that is not a sha256 hex digest
+
+Messages that name the right field:
+
+- net-kwargs-image-size: ``model.net_kwargs: {image_size: 3}`` (the size comes from the data)
+- image-size-too-small-for-net: a depth-4 ConvNet on 8 px images is an ``image_size`` error, not ``net_kwargs``
+- teacher-is-lightning-checkpoint: recover's ``teacher`` is a Lightning ``.ckpt`` (not a "got Classifier" error)
+- ssl-checkpoint-is-classifier: the probe's ``ssl_checkpoint`` is a classifier's checkpoint
+- ssl-checkpoint-pretrained: the SSL checkpoint's ``net_kwargs`` ask timm for ``pretrained`` weights (named as the
+  checkpoint's, not as the user's ``net_kwargs``)
 
 Run-time cases (the run starts, then stops with one line and exit 2; the last good set is kept):
 
@@ -125,6 +183,92 @@ def _distilled(path: Path) -> Path:
     return path
 
 
+def _edit_meta(path: Path, edit) -> Path:
+    """``edit(meta)`` applied to ``path/meta.json`` (checksums left as they are)."""
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def _edit_header(path: Path, edit) -> Path:
+    """A teacher file whose ``ddkit`` header is rewritten: ``edit(header)`` returns the new dict (or a raw string)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["ddkit"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    new = edit(header)
+    save_tensors(path, tensors, metadata={"ddkit": new if isinstance(new, str) else json.dumps(new)})
+    return path
+
+
+def _set(obj: dict, keys: tuple[str, ...], value) -> dict:
+    """``obj`` with ``obj[keys[0]][keys[1]]... = value``; ``value`` DROP deletes the key."""
+    *parents, last = keys
+    for key in parents:
+        obj = obj[key]
+    if value is DROP:
+        del obj[last]
+    else:
+        obj[last] = value
+    return obj
+
+
+DROP = object()
+SHA_ZERO = "0" * 64
+
+# name -> (meta.json keys, new value) of a distilled set with one value changed
+DISTILLED_EDITS = {
+    "ipc_string": (("ipc",), "2"),
+    "ipc_fraction": (("ipc",), 2.5),
+    "ipc_bool": (("ipc",), True),
+    "ipc_absurd": (("ipc",), 10**15),
+    "num_classes_string": (("data_spec", "num_classes"), "10"),
+    "num_classes_huge": (("data_spec", "num_classes"), 1e15),
+    "image_size_float": (("data_spec", "image_size"), 8.0),
+    "in_chans_zero": (("data_spec", "in_chans"), 0),
+    "mean_length": (("data_spec", "mean"), [0.1, 0.2, 0.3]),
+    "std_zero": (("data_spec", "std"), [0]),
+    "zca_string": (("data_spec", "zca"), "yes"),
+    "class_names_short": (("data_spec", "class_names"), ["0", "1"]),
+    "data_spec_list": (("data_spec",), [10, 1, 8]),
+    "files_list": (("files",), ["images.safetensors", "labels.safetensors"]),
+    "files_escape": (("files", "../../etc/hostname"), SHA_ZERO),
+    "files_absolute": (("files", "/etc/hostname"), SHA_ZERO),
+    "files_no_labels": (("files", "labels.safetensors"), DROP),
+    "files_zca_unlisted": (("zca",), "zca.safetensors"),
+    "files_digest": (("files", "images.safetensors"), "abc"),
+}
+
+# name -> function of the teacher's ddkit header (a dict) returning the new header
+TEACHER_EDITS = {
+    "header_not_json": lambda h: "{not json",
+    "header_no_net": lambda h: {k: v for k, v in h.items() if k != "net"},
+    "net_kwargs_list": lambda h: {**h, "net_kwargs": [1, 2]},
+    "pretrained": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "pretrained": True}},
+    "checkpoint_path": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "checkpoint_path": "/etc/hostname"}},
+    "num_classes_huge": lambda h: {**h, "data_spec": {**h["data_spec"], "num_classes": 10**15}},
+    "image_size_string": lambda h: {**h, "data_spec": {**h["data_spec"], "image_size": "8"}},
+    "width_huge": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "width": 10**7}},
+    "depth_huge": lambda h: {**h, "net_kwargs": {**h["net_kwargs"], "depth": 10**6}},
+}
+
+# name -> (buffer meta.json keys, new value)
+BUFFER_EDITS = {
+    "epochs_string": (("epochs",), "3"),
+    "net_kwargs_list": (("net_kwargs",), [1]),
+    "num_classes_huge": (("data_spec", "num_classes"), 10**15),
+    "checkpoint_path": (("net_kwargs", "checkpoint_path"), "/etc/hostname"),
+    "width_huge": (("net_kwargs", "width"), 10**7),
+}
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """YAML of a few hundred bytes whose aliases expand to about 1.2 * 10 ** (levels + 1) nodes."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
 def _rewrite_checksums(path: Path) -> None:
     meta = json.loads((path / "meta.json").read_text())
     for name in meta["files"]:
@@ -169,6 +313,29 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     _rewrite_checksums(paths["distilled_nan"])
     paths["distilled_meta"] = _distilled(root / "distilled_meta")
     (paths["distilled_meta"] / "meta.json").write_text("{not json")
+    for name, (key, value) in DISTILLED_EDITS.items():
+        paths[f"distilled_{name}"] = _edit_meta(_distilled(root / f"distilled_{name}"),
+                                                lambda meta, k=key, v=value: _set(meta, k, v))
+    paths["distilled_files_empty"] = _distilled(root / "distilled_files_empty")  # tampered, with no checksums
+    save_tensors(paths["distilled_files_empty"] / "images.safetensors", {"images": torch.zeros(20, 1, 8, 8)})
+    _edit_meta(paths["distilled_files_empty"], lambda meta: meta.update(files={}))
+    for name, edit in TEACHER_EDITS.items():
+        paths[f"teacher_{name}"] = _edit_header(_teacher(root / f"teacher_{name}.safetensors"), edit)
+    paths["ssl_pretrained"] = root / "ssl_pretrained.ckpt"  # an SSL checkpoint whose net asks timm for weights
+    torch.save({"ddkit_ssl": {"method": "mocov2"}, "state_dict": {"backbone.w": torch.zeros(1)},
+                "hyper_parameters": {"net": "resnet18", "net_kwargs": {"pretrained": True}}}, paths["ssl_pretrained"])
+    paths["classifier_ckpt"] = root / "classifier.ckpt"  # what Lightning writes: a torch.save zip
+    torch.save({"state_dict": {"net.head.bias": torch.zeros(10)}, "hyper_parameters": {"net": "convnet"}},
+               paths["classifier_ckpt"])
+    for name, (key, value) in BUFFER_EDITS.items():
+        paths[f"buffer_{name}"] = _edit_meta(_buffer(root / f"buffer_{name}"),
+                                             lambda meta, k=key, v=value: _set(meta, k, v))
+    configs = {"empty": b"", "comments": b"# nothing set here\n", "binary": os.urandom(512) + b"\xff",
+               "latin1": "trainer:\n  max_epochs: 1  # caf\u00e9\n".encode("latin-1"), "list": b"- fit\n- test\n",
+               "broken": b"trainer: [1, 2\n", "bomb": _alias_bomb().encode()}
+    for name, data in configs.items():
+        paths[f"config_{name}"] = root / f"config_{name}.yaml"
+        paths[f"config_{name}"].write_bytes(data)
     paths["random_bytes"] = root / "random.ckpt"
     paths["random_bytes"].write_bytes(os.urandom(3000))
     paths["empty_dir"] = root / "empty"
@@ -271,6 +438,119 @@ CASES = [
 ]
 
 
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                            reason="the case needs a machine without a GPU")
+DISTILLED_EXPECTED = {
+    "ipc_string": "distilled.meta.ipc: must be an integer >= 1, got '2'",
+    "ipc_fraction": "distilled.meta.ipc: must be an integer >= 1, got 2.5",
+    "ipc_bool": "distilled.meta.ipc: must be an integer >= 1, got True",
+    "ipc_absurd": "distilled.meta.ipc: must be num_images / num_classes = 20 / 10, got 1000000000000000",
+    "num_classes_string": "distilled.meta.data_spec.num_classes: must be an integer in [1, 100000], got '10'",
+    "num_classes_huge": "distilled.meta.data_spec.num_classes: must be an integer in [1, 100000], got 1000000000000000.0",
+    "image_size_float": "distilled.meta.data_spec.image_size: must be an integer in [1, 4096], got 8.0",
+    "in_chans_zero": "distilled.meta.data_spec.in_chans: must be an integer in [1, 1024], got 0",
+    "mean_length": "distilled.meta.data_spec.mean: must be a list of 1 finite numbers, got [0.1, 0.2, 0.3]",
+    "std_zero": "distilled.meta.data_spec.std: must be a list of 1 positive finite numbers, got [0]",
+    "zca_string": "distilled.meta.data_spec.zca: must be true or false, got 'yes'",
+    "class_names_short": "distilled.meta.data_spec.class_names: must be a list of 10 names, got ['0', '1']",
+    "data_spec_list": "distilled.meta.data_spec: must be a mapping, got [10, 1, 8]",
+    "files_list": "distilled.meta.files: must be a mapping of file names to sha256 digests",
+    "files_escape": "distilled.meta.files: names must be plain file names inside the set's directory, "
+                    "got '../../etc/hostname'",
+    "files_absolute": "distilled.meta.files: names must be plain file names inside the set's directory, "
+                      "got '/etc/hostname'",
+    "files_no_labels": "distilled.meta.files: must list exactly ['images.safetensors', 'labels.safetensors'], "
+                       "got ['images.safetensors']",
+    "files_zca_unlisted": "distilled.meta.files: must list exactly ['images.safetensors', 'labels.safetensors', "
+                          "'zca.safetensors']",
+    "files_digest": "distilled.meta.files['images.safetensors']: must be a sha256 hex digest, got 'abc'",
+    "files_empty": "distilled.meta.files: must list exactly ['images.safetensors', 'labels.safetensors'], got []",
+}
+TEACHER_EXPECTED = {
+    "header_not_json": "teacher: the ddkit header is not valid JSON",
+    "header_no_net": "teacher: the ddkit header lacks ['net']",
+    "net_kwargs_list": "teacher.net_kwargs: must be a mapping of names to values, got [1, 2]",
+    "pretrained": "teacher.net_kwargs.pretrained: refused (ddkit builds nets from scratch",
+    "checkpoint_path": "teacher.net_kwargs.checkpoint_path: refused (ddkit builds nets from scratch",
+    "num_classes_huge": "teacher.data_spec.num_classes: must be an integer in [1, 100000], got 1000000000000000",
+    "image_size_string": "teacher.data_spec.image_size: must be an integer in [1, 4096], got '8'",
+    "width_huge": "teacher.net_kwargs: net 'convnet_bn' for 10 classes would have",
+    "depth_huge": "teacher.depth: must be an integer in [1, 64], got 1000000",
+}
+BUFFER_EXPECTED = {
+    "epochs_string": "buffer.meta.epochs: must be an integer >= 1, got '3'",
+    "net_kwargs_list": "buffer.meta.net_kwargs: must be a mapping of names to values, got [1]",
+    "num_classes_huge": "buffer.meta.data_spec.num_classes: must be an integer in [1, 100000]",
+    "checkpoint_path": "buffer.meta.net_kwargs.checkpoint_path: refused",
+    "width_huge": "buffer.meta.net_kwargs: net 'convnet' for 10 classes would have",
+}
+BIG_YAML = "{a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a], " \
+           "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c], " \
+           "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]}"
+
+CASES += [(f"distilled-{name.replace('_', '-')}", _with(KD, data__distilled=f"{{distilled_{name}}}"), expected)
+          for name, expected in DISTILLED_EXPECTED.items()]
+CASES += [(f"teacher-{name.replace('_', '-')}", _with(RECOVER, model__teacher=f"{{teacher_{name}}}"), expected)
+          for name, expected in TEACHER_EXPECTED.items()]
+CASES += [(f"buffer-{name.replace('_', '-')}", _with(MATCHING, data__buffer=f"{{buffer_{name}}}"), expected)
+          for name, expected in BUFFER_EXPECTED.items()]
+CASES += [
+    # Trainer, seed and checkpoint options
+    ("devices-zero", _with(CLASSIFIER, trainer__devices="0"), "trainer.devices: must be a number of CPU processes"),
+    ("devices-negative", _with(CLASSIFIER, trainer__devices="-2"), "trainer.devices: must be a number of CPU"),
+    ("max-epochs-negative", _with(CLASSIFIER, trainer__max_epochs="-5"),
+     "trainer.max_epochs: must be an integer >= -1, got -5"),
+    ("max-steps-negative", _with(MATCHING, trainer__max_steps="-3"),
+     "trainer.max_steps: must be an integer >= -1, got -3"),
+    ("accelerator-gpu", _with(CLASSIFIER, trainer__accelerator="gpu"),
+     "trainer.accelerator: not available on this machine (use auto or cpu), got 'gpu'"),
+    ("accelerator-tpu", _with(CLASSIFIER, trainer__accelerator="tpu"),
+     "trainer.accelerator: not available on this machine (use auto or cpu), got 'tpu'"),
+    ("accelerator-unknown", _with(CLASSIFIER, trainer__accelerator="abacus"), "trainer.accelerator: must be auto"),
+    ("seed-negative", _with(CLASSIFIER, seed_everything="-1"),
+     "seed_everything: must be an integer in [0, 4294967295], got -1"),
+    ("checkpoint-every-n-epochs-negative", _with(CLASSIFIER, checkpoint__every_n_epochs="-1"),
+     "checkpoint.every_n_epochs: must be an integer >= 0, got -1"),
+    ("checkpoint-every-n-train-steps-negative", _with(RECOVER, checkpoint__every_n_train_steps="-3"),
+     "checkpoint.every_n_train_steps: must be an integer >= 0, got -3"),
+    # config files
+    ("config-empty", ["fit", "-c", "{config_empty}"], "config: empty (no options in it), got '{config_empty}'"),
+    ("config-only-comments", ["fit", "--config", "{config_comments}"], "config: empty (no options in it)"),
+    ("config-binary", ["fit", "-c", "{config_binary}"], "config: not UTF-8 text"),
+    ("config-latin1", ["fit", "-c", "{config_latin1}"], "config: not UTF-8 text (byte 0xe9 at offset 31)"),
+    ("config-not-mapping", ["fit", "-c", "{config_list}"], "config: must be a mapping of options"),
+    ("config-broken-yaml", ["fit", "--config={config_broken}"], "config: not valid YAML"),
+    ("config-missing", ["fit", "-c", "{root}/nope.yaml"], "config: file not found, got '{root}/nope.yaml'"),
+    ("evaluate-config-empty", ["evaluate", "-c", "{config_empty}"], "config: empty (no options in it)"),
+    # resource bombs and sizes from options
+    # a_i holds 10 copies of a_(i-1): a0 = 11 nodes ... a9 = 11,111,111,111; + 10 keys + the root
+    ("config-alias-bomb", ["fit", "-c", "{config_bomb}"], "config: YAML aliases expand to 12,345,679,021 nodes"),
+    ("net-kwargs-alias-bomb", _with(CLASSIFIER, model__net_kwargs=BIG_YAML),  # 11 + 111 + ... + 111,111 + 5 keys + 1
+     "model.net_kwargs: YAML aliases expand to 123,461 nodes, more than the limit of 100,000"),
+    ("net-kwargs-recursive-alias", _with(CLASSIFIER, model__net_kwargs="&a [*a]"),
+     "model.net_kwargs: YAML alias refers to itself"),
+    ("net-width-huge", _with(CLASSIFIER, model__net_kwargs='{"depth": 1, "width": 10000000}'),
+     "net_kwargs: net 'convnet' for 10 classes would have 3,720,000,010 parameters, more than the limit"),
+    ("net-depth-huge", _with(CLASSIFIER, model__net_kwargs='{"depth": 1000000}'),
+     "depth: must be an integer in [1, 64], got 1000000"),
+    ("image-size-huge", _with(CLASSIFIER, data__image_size="100000"),
+     "image_size: must be an integer in [1, 4096], got 100000"),
+    ("net-pretrained", _with(CLASSIFIER, model__net="resnet18", model__net_kwargs='{"pretrained": true}'),
+     "net_kwargs.pretrained: refused"),
+    # messages naming the right field
+    ("net-kwargs-image-size", _with(CLASSIFIER, model__net_kwargs='{"image_size": 3}'),
+     "model.net_kwargs.image_size: set by the data"),
+    ("image-size-too-small-for-net", _with(CLASSIFIER, model__net_kwargs='{"depth": 4, "width": 8}'),
+     "image_size: net 'convnet' {'depth': 4, 'width': 8} cannot take 1-channel 8 px images"),
+    ("teacher-is-lightning-checkpoint", _with(RECOVER, model__teacher="{classifier_ckpt}"),
+     "teacher: a torch/Lightning checkpoint, not a teacher safetensors file"),
+    ("ssl-checkpoint-is-classifier", _with(PROBE, model__ssl_checkpoint="{classifier_ckpt}"),
+     "ssl_checkpoint: not a ddkit SSL checkpoint"),
+    ("ssl-checkpoint-pretrained", _with(PROBE, model__ssl_checkpoint="{ssl_pretrained}"),
+     "ssl_checkpoint.net_kwargs.pretrained: refused"),
+]
+
+
 def _fill(arg: str, inputs: dict[str, str]) -> str:
     """``arg`` with every ``{name}`` of ``inputs`` replaced by its path."""
     for name, path in inputs.items():
@@ -282,21 +562,24 @@ def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i, marks=NO_GPU if i == "accelerator-gpu" else ())
+                                            for i, a, e in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(inputs, tmp_path, monkeypatch, capsys, argv, expected):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     argv = [_fill(a, inputs) for a in argv]
+    before = _listing(Path(inputs["root"]))
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert e.value.code not in (0, None), err
+    assert e.value.code == 2, err
     assert len(lines) == 1 and lines[0].startswith(f"error: {_fill(expected, inputs)}"), err[-3000:]
     assert "got" in lines[0] or "Got value" in lines[0]  # the bad value (or file) is named
     assert "Traceback" not in err
     assert _listing(work) == []
+    assert _listing(Path(inputs["root"])) == before
 
 
 # Found only while running (a buffer is read lazily, a step size goes bad after an update): the run stops with one

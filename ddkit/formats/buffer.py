@@ -43,7 +43,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ddkit.datamodules.spec import DataSpec
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, check_int, check_mapping
 from ddkit.formats.common import (
     atomic_dir,
     atomic_file,
@@ -54,6 +54,7 @@ from ddkit.formats.common import (
     save_tensors,
     write_json,
 )
+from ddkit.nets.registry import check_net_kwargs
 
 FORMAT = "ddkit.buffer"
 VERSION = 1
@@ -108,13 +109,13 @@ class BufferMeta:
 
     def validate(self, where: str = "buffer.meta") -> None:
         """Check field types and consistency; raise one DDKitError."""
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise DDKitError(f"{where}.epochs: must be an integer >= 1, got {self.epochs!r}")
+        check_int(self.epochs, f"{where}.epochs", 1)
         if len(self.param_names) != len(self.param_shapes) or not self.param_shapes:
             raise DDKitError(f"{where}.param_shapes: need one shape per parameter name ({len(self.param_names)}), "
                              f"got {len(self.param_shapes)}")
         for name, shape in zip(self.param_names, self.param_shapes):
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
                 raise DDKitError(f"{where}.param_shapes: shape of {name!r} must be a list of sizes, got {shape!r}")
 
     def to_json(self) -> dict[str, Any]:
@@ -143,18 +144,20 @@ class BufferMeta:
         missing = [k for k in ("net", "data_spec", "param_names", "param_shapes", "epochs") if k not in obj]
         if missing:
             raise DDKitError(f"{where}: missing fields {missing}, got fields {sorted(obj)}")
-        try:
-            spec = DataSpec.from_dict(obj["data_spec"])
-        except (TypeError, KeyError) as e:
-            raise DDKitError(f"{where}.data_spec: malformed ({e}), got {obj['data_spec']!r}") from None
+        spec = DataSpec.from_dict(obj["data_spec"], f"{where}.data_spec")
+        if not isinstance(obj["net"], str):
+            raise DDKitError(f"{where}.net: must be a net name, got {obj['net']!r}"[:300])
+        for key in ("param_names", "param_shapes"):
+            if not isinstance(obj[key], list):
+                raise DDKitError(f"{where}.{key}: must be a list, got {obj[key]!r}"[:300])
         meta = cls(
-            net=str(obj["net"]),
-            net_kwargs=dict(obj.get("net_kwargs") or {}),
+            net=obj["net"],
+            net_kwargs=check_net_kwargs(obj.get("net_kwargs") or {}, f"{where}.net_kwargs"),
             data_spec=spec,
             param_names=[str(n) for n in obj["param_names"]],
-            param_shapes=[list(s) for s in obj["param_shapes"]],
+            param_shapes=obj["param_shapes"],
             epochs=obj["epochs"],
-            recipe=dict(obj.get("recipe") or {}),
+            recipe=check_mapping(obj.get("recipe") or {}, f"{where}.recipe"),
             zca=obj.get("zca") is not None,
         )
         meta.validate(where)
@@ -358,7 +361,10 @@ class ExpertBuffer:
         from ddkit.nets import build_net
 
         s = self.meta.data_spec
-        net = build_net(self.meta.net, s.num_classes, s.in_chans, s.image_size, **self.meta.net_kwargs)
+        try:
+            net = build_net(self.meta.net, s.num_classes, s.in_chans, s.image_size, **self.meta.net_kwargs)
+        except DDKitError as e:  # the net meta.json asks for, not the user's options
+            raise DDKitError(f"buffer.meta.{e}") from None
         self.check_net(net)
         return net
 

@@ -13,6 +13,7 @@ Directory layout::
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ddkit.datamodules.spec import DataSpec
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, check_int
 from ddkit.formats.common import (
     atomic_dir,
     check_finite,
@@ -178,15 +179,24 @@ def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
     for key in ("data_spec", "ipc", "method", "files"):
         if key not in meta:
             raise DDKitError(f"distilled.meta: missing field {key!r}, got fields {sorted(meta)}")
-    for name, digest in meta["files"].items():
+    spec = DataSpec.from_dict(meta["data_spec"], "distilled.meta.data_spec")
+    ipc = check_int(meta["ipc"], "distilled.meta.ipc", 1)
+    if "num_images" in meta and meta["num_images"] != ipc * spec.num_classes:
+        raise DDKitError(f"distilled.meta.ipc: must be num_images / num_classes = {meta['num_images']!r} / "
+                         f"{spec.num_classes}, got {ipc!r}")
+    if not isinstance(meta["method"], str):
+        raise DDKitError(f"distilled.meta.method: must be a name, got {meta['method']!r}")
+    for key, kinds in (("config", (dict,)), ("teacher", (dict, type(None))), ("extra", (dict,))):
+        if not isinstance(meta.get(key, {}), kinds):
+            raise DDKitError(f"distilled.meta.{key}: must be a mapping, got {meta[key]!r}"[:300])
+    if meta.get("zca") not in (None, "zca.safetensors"):
+        raise DDKitError(f"distilled.meta.zca: must be 'zca.safetensors' or null, got {meta.get('zca')!r}")
+    files = _check_files(meta["files"], with_zca=meta.get("zca") is not None)
+    for name, digest in files.items():
         if not (path / name).is_file():
             raise DDKitError(f"distilled.{name}: file not found, got {str(path / name)!r}")
         if verify_checksums and sha256_file(path / name) != digest:
             raise DDKitError(f"distilled.{name}: sha256 checksum mismatch (file changed or corrupt), got {str(path / name)!r}")
-    try:
-        spec = DataSpec.from_dict(meta["data_spec"])
-    except (TypeError, KeyError) as e:
-        raise DDKitError(f"distilled.meta.data_spec: malformed ({e}), got {meta['data_spec']!r}") from None
     images = load_tensors(path / "images.safetensors", "distilled.images")
     labels = load_tensors(path / "labels.safetensors", "distilled.labels")
     if "images" not in images or "labels" not in labels:
@@ -197,8 +207,8 @@ def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
         images=images["images"],
         labels=labels["labels"],
         spec=spec,
-        ipc=int(meta["ipc"]),
-        method=str(meta["method"]),
+        ipc=ipc,
+        method=meta["method"],
         label_logits=labels.get("label_logits"),
         step_size=None if step is None else float(step),
         zca=zca,
@@ -208,6 +218,26 @@ def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
     )
     ds.validate(where=f"distilled[{path.name}]")
     return ds
+
+
+def _check_files(files: Any, with_zca: bool) -> dict[str, str]:
+    """meta.json's ``files``: the sha256 of every tensor file of the set, by plain file name.
+
+    All of them must be listed (an empty map would skip every checksum), and nothing else: a name with a path in
+    it could make a reader check or read a file outside the set's directory.
+    """
+    if not isinstance(files, dict):
+        raise DDKitError(f"distilled.meta.files: must be a mapping of file names to sha256 digests, got {files!r}"[:300])
+    for name, digest in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DDKitError(f"distilled.meta.files: names must be plain file names inside the set's directory, "
+                             f"got {name!r}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise DDKitError(f"distilled.meta.files[{name!r}]: must be a sha256 hex digest, got {digest!r}"[:300])
+    want = set(TENSOR_FILES) if with_zca else set(TENSOR_FILES) - {"zca.safetensors"}
+    if set(files) != want:
+        raise DDKitError(f"distilled.meta.files: must list exactly {sorted(want)}, got {sorted(files)}")
+    return files
 
 
 def to_pixels(images: torch.Tensor, spec: DataSpec, zca: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ddkit.errors import DDKitError
+from ddkit.datamodules.spec import MAX_CLASSES
+from ddkit.errors import DDKitError, check_int
 from ddkit.formats.common import atomic_file, read_json, save_tensors, write_json
 
 FORMAT = "ddkit.soft_labels"
@@ -41,6 +42,7 @@ SHARD_KEYS = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logi
 SHARD_DTYPES = {"order": torch.int64, "boxes": torch.int32, "flips": torch.uint8, "mix_perm": torch.int64,
                 "mix_lam": torch.float64, "mix_box": torch.int32, "logits": torch.float16}
 # Plan fields that must agree between a store and the run that replays it (epochs and teacher are checked apart).
+MAX_EPOCHS = 1_000_000  # one shard file per epoch: far more than any relabel run
 PLAN_FIELDS = ("num_images", "num_classes", "image_shape", "images_sha256", "batch_size", "seed", "augment",
                "view_size", "crop_scale", "padding", "mix", "mix_alpha")
 
@@ -79,6 +81,13 @@ def read_soft_label_meta(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in (*PLAN_FIELDS, "epochs", "complete") if k not in meta]
     if missing:
         raise DDKitError(f"soft_labels.meta: missing fields {missing}, got fields {sorted(meta)}")
+    # Counts the readers loop over or compare: an edited value is one line, not a hang or a TypeError.
+    check_int(meta["num_images"], "soft_labels.meta.num_images", 1)
+    check_int(meta["num_classes"], "soft_labels.meta.num_classes", 1, MAX_CLASSES)
+    check_int(meta["batch_size"], "soft_labels.meta.batch_size", 1)
+    check_int(meta["epochs"], "soft_labels.meta.epochs", 0, MAX_EPOCHS)
+    if not isinstance(meta["complete"], bool):
+        raise DDKitError(f"soft_labels.meta.complete: must be true or false, got {meta['complete']!r}")
     return meta
 
 

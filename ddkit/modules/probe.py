@@ -30,6 +30,7 @@ from ddkit.formats.common import check_writable, load_weights_only
 from ddkit.modules.common import AUGMENTS, BatchAugment, RealDataEvaluation, build_optimizer, epoch_scheduler
 from ddkit.modules.ssl import head_keys
 from ddkit.nets import build_net
+from ddkit.nets.registry import check_net_kwargs
 
 ENCODERS = ("auto", "online", "momentum")
 
@@ -122,7 +123,8 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
         method = "random"
         if ssl_checkpoint is not None:
             ssl_hp, state = load_ssl_backbone(ssl_checkpoint, encoder)
-            net, net_kwargs, method = ssl_hp["net"], dict(ssl_hp.get("net_kwargs") or {}), ssl_hp["method"]
+            net, method = ssl_hp["net"], ssl_hp["method"]
+            net_kwargs = check_net_kwargs(ssl_hp.get("net_kwargs") or {}, "ssl_checkpoint.net_kwargs")
             self._check_spec(ssl_hp.get("data_spec"), data_spec)
         elif net is None:
             raise DDKitError("ssl_checkpoint: required unless net is given (a random-init baseline), got None")
@@ -130,7 +132,12 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
         self.hparams["data_spec"] = data_spec.to_dict()  # plain types: checkpoints load with weights_only=True
         self.hparams["net"], self.hparams["net_kwargs"] = net, net_kwargs or {}
         self.method = method
-        self.net = build_net(net, data_spec.num_classes, data_spec.in_chans, data_spec.image_size, **(net_kwargs or {}))
+        try:
+            self.net = build_net(net, data_spec.num_classes, data_spec.in_chans, data_spec.image_size,
+                                 **(net_kwargs or {}))
+        except DDKitError as e:  # with a checkpoint, the net and its options are the checkpoint's; sizes the data's
+            from_data = str(e).startswith(("num_classes", "in_chans", "image_size"))
+            raise DDKitError(f"ssl_checkpoint.{e}" if ssl_checkpoint and not from_data else str(e)) from None
         if ssl_checkpoint is not None:
             self._load_backbone(state)
         for p in self.net.parameters():
@@ -150,7 +157,8 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
     def _check_spec(ssl_spec: dict | None, spec: DataSpec) -> None:
         if ssl_spec is None:
             return
-        ssl_spec = as_spec(ssl_spec)
+        ssl_spec = DataSpec.from_dict(ssl_spec, "ssl_checkpoint.data_spec") if isinstance(ssl_spec, dict) \
+            else as_spec(ssl_spec)
         if ssl_spec.in_chans != spec.in_chans:
             raise DDKitError(f"data_spec.in_chans: the SSL backbone takes {ssl_spec.in_chans} channels, "
                              f"got {spec.in_chans}")

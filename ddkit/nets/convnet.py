@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, check_int
 from ddkit.nets.registry import register_net
 
 NORMS = ("instance", "batch", "layer", "none")
+MAX_DEPTH = 64
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -42,10 +43,10 @@ class ConvNet(nn.Module):
         pooling: str = "avg",
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise DDKitError(f"depth: must be >= 1, got {depth!r}")
-        if width < 1:
-            raise DDKitError(f"width: must be >= 1, got {width!r}")
+        # Bounded so that a depth from a file or a config cannot keep the builder busy for hours (the references use
+        # depth 3 to 6); the width is bounded by build_net's parameter count.
+        check_int(depth, "depth", 1, MAX_DEPTH)
+        check_int(width, "width", 1)
         if pooling not in ("avg", "max", "none"):
             raise DDKitError(f"pooling: must be one of avg, max, none, got {pooling!r}")
         layers: list[nn.Module] = []

@@ -180,3 +180,20 @@ def test_fingerprint_tracks_the_images() -> None:
     assert images_fingerprint(x) == images_fingerprint(x.clone())
     assert images_fingerprint(x) != images_fingerprint(y)
     assert images_fingerprint(x) != images_fingerprint(x.view(1, 2, 3, 3))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 10**15, r"^soft_labels.meta.epochs: must be an integer in \[0, 1000000\], got 1000000000000000$"),
+    ("epochs", "2", r"^soft_labels.meta.epochs: must be an integer in \[0, 1000000\], got '2'$"),
+    ("num_classes", 1e15, r"^soft_labels.meta.num_classes: must be an integer in \[1, 100000\], got 1000000000000000.0$"),
+    ("batch_size", 0, r"^soft_labels.meta.batch_size: must be an integer >= 1, got 0$"),
+    ("num_images", 2.5, r"^soft_labels.meta.num_images: must be an integer >= 1, got 2.5$"),
+    ("complete", "yes", r"^soft_labels.meta.complete: must be true or false, got 'yes'$"),
+])
+def test_edited_counts_in_meta_are_one_line_errors(tmp_path, key, value, message) -> None:
+    path = tmp_path / "store"
+    _store(path, epochs=1)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, key: value}))
+    with pytest.raises(DDKitError, match=message):
+        read_soft_label_meta(path)

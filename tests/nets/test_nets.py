@@ -43,3 +43,41 @@ def test_timm_fallback_and_unknown_names():
         build_net("nope", 10)
     with pytest.raises(DDKitError, match="norm"):
         build_net("convnet", 10, norm="weird")
+
+
+def test_the_shape_only_build_draws_no_random_numbers():
+    """build_net builds each net twice (on the meta device first, to bound its size): the weights, and the random
+    numbers drawn after it, must be those of one plain build from the same seed."""
+    from ddkit.nets.registry import _build
+
+    torch.manual_seed(0)
+    plain = _build("convnet_bn", 10, 1, 8, {"depth": 2, "width": 8}).state_dict()
+    plain_next = torch.rand(3)
+    torch.manual_seed(0)
+    checked = build_net("convnet_bn", 10, 1, 8, depth=2, width=8).state_dict()
+    assert all(torch.equal(plain[k], checked[k]) for k in plain)
+    assert torch.equal(torch.rand(3), plain_next)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((10, 1, 8), {"width": 10**7}, r"^net_kwargs: net 'convnet' for 10 classes would have 3,720,000,010 parameters"),
+    ((10**6, 1, 8), {}, r"^num_classes: must be an integer in \[1, 100000\], got 1000000"),
+    ((10, 0, 8), {}, r"^in_chans: must be an integer in \[1, 1024\], got 0"),
+    ((10, 1, 8.0), {}, r"^image_size: must be an integer in \[1, 4096\], got 8.0"),
+    ((10, 1, 8), {"depth": 4}, r"^image_size: net 'convnet' \{'depth': 4, 'width': 8\} cannot take 1-channel 8 px"),
+    ((10, 1, 8), {"pretrained": True}, r"^net_kwargs.pretrained: refused"),
+    ((10, 1, 8), {"checkpoint_path": "/etc/hostname"}, r"^net_kwargs.checkpoint_path: refused"),
+])
+def test_sizes_and_options_are_bounded_before_anything_is_allocated(args, kwargs, message):
+    with pytest.raises(DDKitError, match=message):
+        build_net("convnet", *args, **{"depth": 1, "width": 8, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"depth": 10**6}, r"^depth: must be an integer in \[1, 64\], got 1000000$"),
+    ({"depth": 2.5}, r"^depth: must be an integer in \[1, 64\], got 2.5$"),
+    ({"width": "8"}, r"^width: must be an integer >= 1, got '8'$"),
+])
+def test_convnet_depth_and_width_are_integers_in_range(kwargs, message):
+    with pytest.raises(DDKitError, match=message):
+        build_net("convnet", 10, 3, 32, **kwargs)
