@@ -236,6 +236,7 @@ _DESIGN_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",  # frozen teachers and probed backbones stay in eval mode on purpose
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small sets log per epoch
     r"You have overridden `transfer_batch_to_device` in `LightningModule`",  # recover places its job steps itself
+    r"Using ModelCheckpoint with manual optimization",  # recover / matching checkpoint after the step on purpose
     r".*LeafSpec",  # a deprecation inside Lightning's own code
 )
 

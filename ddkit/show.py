@@ -26,7 +26,7 @@ def show_cli(args: list[str]) -> Path:
     """Parse ``args``, write the grid, print its path and return it."""
     from ddkit.formats.common import atomic_file
     from ddkit.formats.distilled import load_distilled
-    from ddkit.formats.grid import GRID_FILE, write_grid
+    from ddkit.formats.grid import GRID_FILE, grid_png
 
     cfg = build_parser().parse_args(args)
     for name in ("images_per_class", "max_classes"):
@@ -34,7 +34,8 @@ def show_cli(args: list[str]) -> Path:
             raise DDKitError(f"{name}: must be > 0, got {cfg[name]!r}")
     ds = load_distilled(cfg.distilled)
     output = Path(cfg.output or Path(cfg.distilled) / GRID_FILE)
+    png = grid_png(ds, cfg.images_per_class, cfg.max_classes)
     with atomic_file(output) as tmp:
-        write_grid(ds, tmp, cfg.images_per_class, cfg.max_classes)
+        tmp.write_bytes(png)
     print(output)
     return output

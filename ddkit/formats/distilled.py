@@ -122,6 +122,9 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
     if export not in (None, "png", "jpg"):
         raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
     path = Path(path)
+    from ddkit.formats.grid import GRID_FILE, grid_png
+
+    grid = grid_png(ds)  # drawn before the directory swap starts: a kill then seldom leaves a temporary directory
     with atomic_dir(path, field="distilled", fmt=FORMAT) as tmp:
         save_tensors(tmp / "images.safetensors", {"images": ds.images.float()})
         labels = {"labels": ds.labels.long()}
@@ -134,9 +137,7 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
             save_tensors(tmp / "zca.safetensors", ds.zca)
         if export is not None:
             export_image_folder(ds, tmp / "images", export)
-        from ddkit.formats.grid import GRID_FILE, write_grid
-
-        write_grid(ds, tmp / GRID_FILE)
+        (tmp / GRID_FILE).write_bytes(grid)
         files = {name: sha256_file(tmp / name) for name in TENSOR_FILES if (tmp / name).is_file()}
         write_json(tmp / "meta.json", {
             "format": FORMAT,

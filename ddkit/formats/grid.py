@@ -7,9 +7,8 @@ class of each image's learned label is printed under it, in red where it differs
 
 from __future__ import annotations
 
+import io
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,12 +38,11 @@ def class_name(ds: DistilledSet, c: int) -> str:
     return str(names[c]) if c < len(names) else str(c)
 
 
-def write_grid(ds: DistilledSet, path: str | os.PathLike, images_per_class: int = 10, max_classes: int = 100) -> Path:
-    """Draw the grid of ``ds`` into the PNG file ``path`` (the caller makes the write atomic) and return ``path``.
+def grid_png(ds: DistilledSet, images_per_class: int = 10, max_classes: int = 100) -> bytes:
+    """The grid of ``ds`` as PNG bytes (drawn in memory, so that a caller's atomic write stays short).
 
     Args:
         ds: the set.
-        path: the PNG file to write.
         images_per_class: images shown per class row.
         max_classes: class rows shown (the first ones), so that a 1000-class set still gives a viewable picture.
     """
@@ -96,5 +94,6 @@ def write_grid(ds: DistilledSet, path: str | os.PathLike, images_per_class: int 
             x = NAME_PX + col * cell_w + PAD_PX + w * scale / 2
             ax.text(x, y + h * scale + LABEL_PX / 2, class_name(ds, top[i])[:8], va="center", ha="center",
                     fontsize=7, color="black" if top[i] == r else "red")
-    fig.savefig(path, format="png", dpi=DPI)
-    return Path(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI)
+    return png.getvalue()

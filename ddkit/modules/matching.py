@@ -659,7 +659,9 @@ class TrajectoryMatching(L.LightningModule):
             save_distilled(self.distilled_set(), path)
         return str(path)
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # Not on_train_end: a run resumed from its final checkpoint (killed while writing the set) skips the training
+        # loop and its train-end hooks, and must still write the set.
         self.save_last()
 
     # -------------------------------------------------------------------------------------------- checkpoints
