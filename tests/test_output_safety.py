@@ -100,8 +100,12 @@ def test_a_second_run_on_a_held_output_is_refused_at_once(tmp_path):
         _one_line_exit_2(second, "output: in use by another ddkit run")
         assert first.poll() is None  # still running, untouched by the second
     finally:
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=120)
+        first.send_signal(signal.SIGINT)  # Lightning's graceful stop: the lock is released on the way out
+        try:
+            first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            raise
     assert not lock_path(tmp_path / "out").exists() and not (tmp_path / "out").exists()
     again = run_ddkit(_recover(teacher, "out", seed=2), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
