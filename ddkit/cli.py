@@ -51,6 +51,8 @@ def _lightning_cli(args: list[str] | None) -> None:
             super().parse_arguments(parser, args)
             subcommand = self.config.get("subcommand")
             check_run_options(self.config[subcommand] if subcommand else self.config)
+            if subcommand not in (None, "fit"):
+                _log_into_the_checkpoints_run(self.config[subcommand])
 
         def instantiate_trainer(self, **kwargs):
             """The configured Trainer, plus the global RNG states in its checkpoints (see GlobalRNGState).
@@ -132,11 +134,15 @@ def _lightning_cli(args: list[str] | None) -> None:
 
     class SaveConfigBesideLogs(SaveConfigCallback):
         """The run's config in its log folder. A run without a logger has no folder of its own (Lightning's default
-        would write ``./config.yaml``, replacing a user's file of that name), so it writes none."""
+        would write ``./config.yaml``, replacing a user's file of that name), so it writes none; a test or
+        validation logged into a fit's folder keeps the fit's config."""
 
         def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-            if trainer.logger is not None:
-                super().setup(trainer, pl_module, stage)
+            if trainer.logger is None:
+                return
+            if stage != "fit" and (Path(trainer.log_dir) / self.config_filename).exists():
+                return
+            super().setup(trainer, pl_module, stage)
 
     no_exit = {"exit_on_error": False}  # parse errors become exceptions: main() prints them as one line
     DDKitCLI(
@@ -154,6 +160,26 @@ def _lightning_cli(args: list[str] | None) -> None:
         args=args,
         parser_kwargs={**no_exit, **{cmd: no_exit for cmd in ("fit", "validate", "test", "predict")}},
     )
+
+
+def _log_into_the_checkpoints_run(config) -> None:
+    """``ddkit test --ckpt_path runs/<name>/version_K/...``: log into that fit's ``version_K`` (its checkpoint folder
+    too) instead of opening ``version_K+1`` beside it."""
+    ckpt = config.get("ckpt_path")
+    logger = config.get("trainer", {}).get("logger")
+    init = getattr(logger, "init_args", None)
+    if not ckpt or init is None or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        return
+    if init.get("version") is not None:
+        return
+    run = Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs")
+    try:
+        inside = Path(ckpt).absolute().relative_to(run.absolute())
+    except ValueError:
+        return
+    match = re.fullmatch(r"version_(\d+)", inside.parts[0]) if inside.parts else None
+    if match:
+        init["version"] = int(match.group(1))
 
 
 # ``--ckpt_path`` values Lightning resolves itself (to a file in the checkpoint directory).

@@ -134,3 +134,19 @@ def test_the_installed_command_exits_2_with_one_line(in_tmp):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "error: lr: must be > 0, got 0.0"
     assert "Traceback" not in res.stderr and "Warning" not in res.stderr
+
+
+def test_test_with_a_fits_checkpoint_logs_into_that_fits_run(in_tmp):
+    """``ddkit test --ckpt_path runs/<name>/version_0/...`` logs beside the fit (no version_1, no dirpath warning),
+    and the fit's config.yaml is kept."""
+    quiet = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    assert run_ddkit(["fit", "-c", DIGITS, *quiet], cwd=in_tmp).returncode == 0
+    run = in_tmp / "runs" / "digits_classifier"
+    config = (run / "version_0" / "config.yaml").read_text()
+    res = run_ddkit(["test", "-c", DIGITS, "--ckpt_path", "runs/digits_classifier/version_0/checkpoints/last.ckpt"],
+                    cwd=in_tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["version_0"]
+    assert "dirpath has changed" not in res.stderr
+    assert (run / "version_0" / "config.yaml").read_text() == config
+    assert len(list((run / "version_0").glob("events.out.tfevents.*"))) == 2  # the fit's and the test's
