@@ -1,4 +1,5 @@
-"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate``.
+"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate`` and
+``teacher import``.
 
 Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option.
 Bad input ends with one line ``error: <field>: <problem>, got <value>`` and exit code 2 (``--debug`` shows the
@@ -160,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             from ddkit.evaluation.cli import evaluate_cli
 
             evaluate_cli(argv[1:])
+        elif argv and argv[0] == "teacher":
+            from ddkit.teacher_cli import teacher_cli
+
+            teacher_cli(argv[1:])
         else:
             # LightningCLI reads sys.argv itself; giving it both is reported as a likely mistake.
             _lightning_cli(None if from_command_line else argv)
