@@ -98,12 +98,14 @@ def run_evaluation(
     devices: int = 1,
     precision: str = "32-true",
     progress: bool = True,
+    lazy: bool = False,
 ) -> dict[str, Any]:
     """Evaluate distilled sets and baselines under named protocols; write ``report.json`` and ``report.md``.
 
     Args:
         data: the real dataset (its test split is the test set; its training split feeds the baselines).
-        distilled: DistilledSet directories to evaluate.
+        distilled: DistilledSet directories to evaluate (or image folders with one sub-folder per class, such as
+            recover's SRe2L export, read lazily).
         baselines: ``random`` (``ipc`` random real images per class, a new subset per seed) and/or ``full`` (the whole
             training split, one run of ``full_epochs`` epochs with the protocol's optimizer: the full-data reference).
         ipc: images per class of the random baseline (default: the IPC of the first distilled set).
@@ -122,6 +124,7 @@ def run_evaluation(
         devices: devices per evaluation run.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         progress: show progress bars.
+        lazy: read the distilled sets' images per sample from disk instead of loading them (sets larger than memory).
     """
     distilled = list(distilled or [])
     baselines = list(baselines or [])
@@ -137,7 +140,7 @@ def run_evaluation(
     if full_data_accuracy is not None and not 0 <= full_data_accuracy <= 1:
         raise DDKitError(f"full_data_accuracy: must lie in [0, 1], got {full_data_accuracy!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
-    sets = [(Path(p).name, p, load_distilled(p)) for p in distilled]
+    sets = [(Path(p).name, p, load_distilled(p, lazy=lazy, folder_spec=data.spec)) for p in distilled]
     for name, _, ds in sets:
         check_compatible(ds, data, where=f"distilled[{name}]")
         if ds.zca is not None and data.zca is None:

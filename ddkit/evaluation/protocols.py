@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import lightning as L
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ddkit.datamodules.spec import DataSpec
 from ddkit.errors import DDKitError
@@ -44,7 +44,9 @@ class Protocol:
     def train_loader(self, ds: DistilledSet) -> DataLoader | None:
         """The training loader for ``ds``: shuffled batches of (images, targets). ``None`` means the module made by
         :meth:`make_module` samples the set itself (its ``train_dataloader`` hook), as the ``kd`` protocol does."""
-        return DataLoader(TensorDataset(ds.images, self.targets(ds)), batch_size=min(self.batch_size, len(ds)),
+        from ddkit.datamodules.distilled import ImagesAndTargets
+
+        return DataLoader(ImagesAndTargets(ds.images, self.targets(ds)), batch_size=min(self.batch_size, len(ds)),
                           shuffle=True)
 
 

@@ -50,10 +50,13 @@ def shard_name(epoch: int) -> str:
 
 
 def images_fingerprint(images: torch.Tensor) -> str:
-    """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to)."""
-    t = images.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy() if t.numel() else b""))
+    """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to). A lazy reader
+    (:mod:`ddkit.formats.images`) is hashed chunk by chunk, to the digest of the same images in memory."""
+    from ddkit.formats.images import is_lazy
+
+    h = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    for t in (images.chunks(1024) if is_lazy(images) else [images.detach().cpu().contiguous()]):
+        h.update(memoryview(t.contiguous().view(torch.uint8).numpy() if t.numel() else b""))
     return h.hexdigest()
 
 

@@ -45,6 +45,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.images import is_lazy
 from ddkit.formats.soft_labels import (
     SoftLabelReader,
     begin_soft_labels,
@@ -213,7 +214,8 @@ class KDViewDataset(Dataset):
     batch come from a generator seeded by ``(seed, epoch, b)`` (online), or from the store (stored).
 
     Args:
-        images: ``[N, C, H, W]`` float32 (CPU).
+        images: ``[N, C, H, W]`` float32 (CPU), or a lazy reader (:mod:`ddkit.formats.images`): a batch then reads
+            only its own images.
         labels: ``[N]`` int64 hard labels.
         plan: how views are drawn and rendered.
         batch_size: images per batch (the last batch may be smaller).
@@ -225,7 +227,7 @@ class KDViewDataset(Dataset):
                  soft_labels: str | None = None) -> None:
         if batch_size <= 0:
             raise DDKitError(f"batch_size: must be > 0, got {batch_size!r}")
-        self.images = images.detach().cpu().float().contiguous()
+        self.images = images if is_lazy(images) else images.detach().cpu().float().contiguous()
         self.labels = labels.detach().cpu().long()
         self.plan = plan
         self.batch_size = batch_size
