@@ -101,7 +101,8 @@ class KDProtocol(Protocol):
     Fields: ``teacher`` (teacher checkpoint path; required), ``temperature``, ``mix`` (cutmix | mixup | none),
     ``augment`` (``auto``: rrc_flip for images of 64 px and more, else crop_flip), ``labels`` (online | stored),
     ``soft_labels`` (root directory of the stores for ``stored``, one per set and seed, kept; default: temporary
-    stores, deleted after each run), ``teacher_mode``, ``t2_scale``, ``ce_weight``.
+    stores, deleted after each run), ``soft_label_topk`` (stored labels keep only the top-k logits per view),
+    ``teacher_mode``, ``t2_scale``, ``ce_weight``.
     """
 
     name: ClassVar[str] = "kd"
@@ -115,6 +116,7 @@ class KDProtocol(Protocol):
     augment: str = "auto"
     labels: str = "online"
     soft_labels: str | None = None
+    soft_label_topk: int | None = None
     teacher_mode: str = "eval"
     t2_scale: bool = False
     ce_weight: float = 0.0
@@ -157,7 +159,7 @@ class KDProtocol(Protocol):
                            temperature=self.temperature, t2_scale=self.t2_scale, ce_weight=self.ce_weight,
                            mix=self.mix, augment=self.resolved_augment(spec), lr=self.lr,
                            weight_decay=self.weight_decay, labels=self.labels, soft_labels=store,
-                           keep_soft_labels=keep)
+                           keep_soft_labels=keep, soft_label_topk=self.soft_label_topk)
         module.attach_train_set(ds.images, ds.labels, batch_size=min(self.batch_size, len(ds)))
         return module
 
