@@ -35,7 +35,16 @@ from ddkit.formats.common import (
     sha256_file,
     write_json,
 )
-from ddkit.formats.images import FolderImages, LazyImages, check_storage, decode_images, encode_images, is_lazy, storage_of
+from ddkit.formats.images import (
+    FolderImages,
+    LazyImages,
+    check_storage,
+    decode_images,
+    encode_images,
+    is_lazy,
+    storage_of,
+    write_images_streaming,
+)
 
 FORMAT = "ddkit.distilled"
 VERSION = 1
@@ -130,12 +139,14 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
     """
     check_storage(image_storage)
     ds.validate()
-    stored = encode_images(ds.images.load() if is_lazy(ds.images) else ds.images, image_storage, ds.spec)
     if export not in (None, "png", "jpg"):
         raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
     path = Path(path)
     with atomic_dir(path, field="distilled") as tmp:
-        save_tensors(tmp / "images.safetensors", {"images": stored})
+        if is_lazy(ds.images):  # written chunk by chunk: the set is never in memory
+            write_images_streaming(tmp / "images.safetensors", ds.images, image_storage, ds.spec)
+        else:
+            save_tensors(tmp / "images.safetensors", {"images": encode_images(ds.images, image_storage, ds.spec)})
         labels = {"labels": ds.labels.long()}
         if ds.label_logits is not None:
             labels["label_logits"] = ds.label_logits.float()
@@ -268,7 +279,7 @@ def export_image_folder(ds: DistilledSet, root: Path, ext: str = "png", rounding
     """
     from PIL import Image
 
-    pixels = to_pixels(ds.images, ds.spec, ds.zca) * 255
+    pixels = to_pixels(ds.images.load() if is_lazy(ds.images) else ds.images, ds.spec, ds.zca) * 255
     pixels = pixels.floor() if rounding == "truncate" else pixels.round()
     pixels = pixels.to(torch.uint8)
     seen: dict[int, int] = {}

@@ -247,3 +247,25 @@ class FolderImages(_Images):
 
 def is_lazy(images) -> bool:
     return isinstance(images, _Images)
+
+
+def write_images_streaming(path: str | os.PathLike, images: _Images, storage: str, spec: DataSpec,
+                           chunk: int = 256) -> None:
+    """Write a lazy reader's images to a safetensors file (tensor ``images``) in ``storage``, ``chunk`` images at a
+    time, so a set larger than memory can be written (or converted) without loading it. The caller makes the write
+    atomic."""
+    code = {"float32": "F32", "float16": "F16", "uint8": "U8"}[storage]
+    itemsize = _SAFETENSORS_DTYPES[code][2]
+    nbytes = images.numel() * itemsize
+    header = json.dumps({"images": {"dtype": code, "shape": list(images.shape), "data_offsets": [0, nbytes]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    written = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for batch in images.chunks(chunk):
+            data = encode_images(batch, storage, spec).contiguous()
+            f.write(data.view(torch.uint8).numpy().tobytes())
+            written += data.numel() * itemsize
+    if written != nbytes:
+        raise DDKitError(f"images: the reader yielded {written} bytes, its shape says {nbytes}, got {list(images.shape)}")

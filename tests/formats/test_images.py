@@ -129,3 +129,21 @@ def test_kd_batches_from_a_lazy_set_equal_the_in_memory_ones(tmp_path):
     b = KDViewDataset(lazy.images, lazy.labels, plan, batch_size=5, seed=3)
     for key in [(0, 0), (1, 2)]:
         assert torch.equal(a[key]["x"], b[key]["x"]) and torch.equal(a[key]["y"], b[key]["y"])
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "uint8"])
+def test_a_lazy_set_is_saved_chunk_by_chunk_to_the_same_tensors(tmp_path, storage):
+    from safetensors.torch import load_file
+
+    ds = make_set(ipc=100)  # 300 images: more than one 256-image chunk
+    save_distilled(ds, tmp_path / "src")
+    lazy = load_distilled(tmp_path / "src", lazy=True)
+    save_distilled(lazy, tmp_path / "streamed", image_storage=storage, export="png")
+    save_distilled(ds, tmp_path / "direct", image_storage=storage)
+    a = load_file(str(tmp_path / "streamed/images.safetensors"))["images"]
+    b = load_file(str(tmp_path / "direct/images.safetensors"))["images"]
+    assert a.dtype == b.dtype and torch.equal(a, b)
+    assert json.loads((tmp_path / "streamed/meta.json").read_text())["image_storage"] == storage
+    assert len(list((tmp_path / "streamed/images").rglob("*.png"))) == 300
+    assert torch.equal(load_distilled(tmp_path / "streamed", lazy=True).images[[0, 299]],
+                       load_distilled(tmp_path / "direct").images[[0, 299]])
