@@ -17,7 +17,7 @@ from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
 from ddkit.errors import DDKitError
 from ddkit.evaluation.protocols import Protocol, get_protocol
-from ddkit.evaluation.report import write_report
+from ddkit.evaluation.report import robust_scores, write_report
 from ddkit.formats.distilled import DistilledSet, load_distilled
 
 
@@ -32,6 +32,7 @@ class Result:
     accuracies: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     source: str | None = None
+    augmented: bool = True  # False: the protocol's augmentation was off (``no_augmentation`` runs)
 
     @property
     def mean(self) -> float:
@@ -45,7 +46,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "ipc": self.ipc, "protocol": self.protocol,
                 "accuracies": self.accuracies, "mean": self.mean, "std": self.std,
-                "wall_time_s": round(self.wall_time_s, 2), "source": self.source}
+                "wall_time_s": round(self.wall_time_s, 2), "source": self.source, "augmented": self.augmented}
 
 
 def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: dict, test_loader: DataLoader,
@@ -99,6 +100,7 @@ def run_evaluation(
     precision: str = "32-true",
     progress: bool = True,
     lazy: bool = False,
+    no_augmentation: bool = False,
 ) -> dict[str, Any]:
     """Evaluate distilled sets and baselines under named protocols; write ``report.json`` and ``report.md``.
 
@@ -125,6 +127,8 @@ def run_evaluation(
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         progress: show progress bars.
         lazy: read the distilled sets' images per sample from disk instead of loading them (sets larger than memory).
+        no_augmentation: also train every set and the random baseline under each protocol with its data augmentation
+            off, which DD-Ranking's augmentation-robust score needs (see :func:`ddkit.evaluation.report.robust_scores`).
     """
     distilled = list(distilled or [])
     baselines = list(baselines or [])
@@ -163,15 +167,16 @@ def run_evaluation(
     log_dir = str(Path(output) / "tb")
     net_kwargs = dict(net_kwargs or {})
     results: list[Result] = []
-    for protocol in resolved:
+    variants = [(p, True) for p in resolved] + [(p.without_augmentation(), False) for p in resolved if no_augmentation]
+    for protocol, augmented in variants:
         for name, path, ds in sets:
             results.append(_runs(name, "distilled", ds.ipc, path, lambda s, ds=ds: ds, protocol, seeds, first_seed,
-                                 net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every))
+                                 net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every, augmented))
         if "random" in baselines:
             results.append(_runs("random", "random", ipc, None,
                                  lambda s: random_subset_set(x_train, y_train, data, ipc, s),
                                  protocol, seeds, first_seed, net, net_kwargs, test_loader, trainer_kwargs, log_dir,
-                                 eval_every))
+                                 eval_every, augmented))
     full = None
     if "full" in baselines:
         whole = DistilledSet(images=x_train, labels=y_train, spec=data.spec, ipc=1, method="full")
@@ -190,6 +195,7 @@ def run_evaluation(
         "results": [r.to_dict() for r in results],
         "full_data": full,
     }
+    report["robust_scores"] = robust_scores(report)
     write_report(report, Path(output))
     return report
 
@@ -203,13 +209,13 @@ def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _runs(name, kind, ipc, source, make_set, protocol, seeds, first_seed, net, net_kwargs, test_loader,
-          trainer_kwargs, log_dir, eval_every) -> Result:
-    result = Result(name=name, kind=kind, ipc=ipc, protocol=protocol.describe(), source=source)
+          trainer_kwargs, log_dir, eval_every, augmented: bool = True) -> Result:
+    result = Result(name=name, kind=kind, ipc=ipc, protocol=protocol.describe(), source=source, augmented=augmented)
     start = time.perf_counter()
     for seed in range(first_seed, first_seed + seeds):
         ds = make_set(seed)
         acc = train_and_test(ds, protocol, net, net_kwargs, test_loader, seed, trainer_kwargs, log_dir,
-                             f"{protocol.name}/{name}", eval_every)
+                             f"{protocol.name}{'' if augmented else '-naug'}/{name}", eval_every)
         result.accuracies.append(acc)
     result.wall_time_s = time.perf_counter() - start
     return result

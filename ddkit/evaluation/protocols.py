@@ -6,7 +6,7 @@ train and with which batch size; the evaluator does the rest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 import lightning as L
@@ -38,6 +38,10 @@ class Protocol:
         """The training targets this protocol uses for ``ds``."""
         raise NotImplementedError
 
+    def without_augmentation(self) -> Protocol:
+        """The same protocol with its data augmentation off (DD-Ranking's "naug" runs)."""
+        raise NotImplementedError
+
     def make_module(self, spec: DataSpec, net: str, net_kwargs: dict, ds: DistilledSet) -> L.LightningModule:
         raise NotImplementedError
 
@@ -64,6 +68,9 @@ class HardProtocol(Protocol):
 
     def targets(self, ds: DistilledSet):
         return ds.labels
+
+    def without_augmentation(self) -> Protocol:
+        return replace(self, augment="none")
 
     def learning_rate(self, ds: DistilledSet) -> float:
         return self.lr
@@ -134,6 +141,9 @@ class KDProtocol(Protocol):
 
     def targets(self, ds: DistilledSet):
         return ds.labels
+
+    def without_augmentation(self) -> Protocol:
+        return replace(self, augment="none", mix="none")
 
     def resolved_augment(self, spec: DataSpec) -> str:
         if self.augment != "auto":
