@@ -1,5 +1,5 @@
-"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate`` and
-``teacher import``.
+"""The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``) plus ``evaluate``,
+``teacher import`` and ``export``.
 
 Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option.
 Bad input ends with one line ``error: <field>: <problem>, got <value>`` and exit code 2 (``--debug`` shows the
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             from ddkit.evaluation.cli import evaluate_cli
 
             evaluate_cli(argv[1:])
+        elif argv and argv[0] == "export":
+            from ddkit.export_cli import export_cli
+
+            export_cli(argv[1:])
         elif argv and argv[0] == "teacher":
             from ddkit.teacher_cli import teacher_cli
 
