@@ -32,12 +32,17 @@ def test_soft_protocol_uses_the_learned_step_size_and_soft_targets():
     assert soft.make_module(spec, "convnet", {"width": 8}, ds).hparams.lr == 0.003
 
 
-def test_random_baseline_and_a_distilled_set_under_two_protocols(tmp_path):
+def handpicked_set(path, ipc: int) -> None:
+    """The first ``ipc`` digits training images of each class, saved as a DistilledSet at ``path``."""
     data = RealDataModule("digits")
     data.setup("fit")
     x, y = data.train_set.tensors
-    idx = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(10)])
-    save_distilled(DistilledSet(x[idx], y[idx], data.spec, 5, "handpicked"), tmp_path / "set")
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:ipc] for c in range(10)])
+    save_distilled(DistilledSet(x[idx], y[idx], data.spec, ipc, "handpicked"), path)
+
+
+def test_random_baseline_and_a_distilled_set_under_two_protocols(tmp_path):
+    handpicked_set(tmp_path / "set", 5)
     report = run_evaluation(data=RealDataModule("digits"), distilled=[str(tmp_path / "set")], baselines=["random"],
                             protocols=["hard", "soft"], seeds=2, epochs=150, net_kwargs={"width": 16},
                             output=str(tmp_path / "out"), accelerator="cpu", progress=False)
@@ -97,11 +102,7 @@ def test_dd_ranking_scores_by_hand():
 
 
 def test_no_augmentation_runs_feed_the_augmentation_robust_score(tmp_path):
-    data = RealDataModule("digits")
-    data.setup("fit")
-    x, y = data.train_set.tensors
-    idx = torch.cat([torch.nonzero(y == c).flatten()[:2] for c in range(10)])
-    save_distilled(DistilledSet(x[idx], y[idx], data.spec, 2, "handpicked"), tmp_path / "set")
+    handpicked_set(tmp_path / "set", 2)
     report = run_evaluation(data=RealDataModule("digits"), distilled=[str(tmp_path / "set")], baselines=["random"],
                             protocols=["hard"], seeds=1, epochs=5, net_kwargs={"width": 8}, full_data_accuracy=0.95,
                             no_augmentation=True, output=str(tmp_path / "out"), accelerator="cpu", progress=False)
