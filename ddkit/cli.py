@@ -9,11 +9,13 @@ traceback instead).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
 import shutil
 import sys
+import threading
 from argparse import ArgumentError
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from ddkit.errors import DDKitError
 def _lightning_cli(args: list[str] | None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from ddkit.registry import import_stage_modules
 
@@ -48,16 +50,25 @@ def _lightning_cli(args: list[str] | None) -> None:
             """
             from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+            from ddkit.callbacks.resume import ResumeCheck
             from ddkit.callbacks.rng_state import GlobalRNGState
 
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(GlobalRNGState())
+            trainer.callbacks += [GlobalRNGState(), ResumeCheck()]
+            trainer.strategy.checkpoint_io = _atomic_checkpoint_io(trainer.strategy.checkpoint_io)
             configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
             configured = configured if isinstance(configured, list) else [configured]
             bar = trainer.progress_bar_callback
             if isinstance(bar, RichProgressBar) and not any(c is bar for c in configured):
                 trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
             return trainer
+
+        def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+            """``--trainer.enable_checkpointing false`` drops the ``checkpoint`` group's ModelCheckpoint (Lightning
+            refuses the two together)."""
+            if config.get("enable_checkpointing") is False:
+                callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            return super()._instantiate_trainer(config, callbacks)
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             """Checkpoints (``--ckpt_path``) are read with ``torch.load(weights_only=True)`` only, whatever the
@@ -70,21 +81,49 @@ def _lightning_cli(args: list[str] | None) -> None:
             return kwargs
 
         def _parse_ckpt_path(self) -> None:
-            """LightningCLI reads the checkpoint's hyperparameters here (with weights_only=True)."""
-            with _refused_pickle(self.config):
-                super()._parse_ckpt_path()
+            """An explicit checkpoint file must exist, load, and come from this run's stage class.
+
+            LightningCLI would parse the checkpoint's hyperparameters over the config here, replacing the stage class
+            and the options the user gave without a word. ddkit keeps the user's config; ResumeCheck refuses a
+            resume whose options differ from the checkpoint's.
+            """
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES:
+                return
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise DDKitError(f"ckpt_path: {'is a directory, not a file' if path.is_dir() else 'file not found'}, "
+                                 f"got {str(ckpt_path)!r}")
+            from ddkit.formats.common import load_weights_only
+
+            checkpoint = load_weights_only(path, "ckpt_path", mmap=True)
+            saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path") if isinstance(checkpoint, dict) \
+                else None
+            configured = self.config[subcommand].get("model", {}).get("class_path")
+            if saved and configured and saved != configured:
+                raise DDKitError(f"ckpt_path: written by a {saved} run; resume it with that stage, got a {configured} "
+                                 f"run and {str(ckpt_path)!r}")
 
         def _run_subcommand(self, subcommand: str) -> None:
             """Run it; bad input found before the first step (in a stage's setup) leaves no log folder behind."""
             fresh = _fresh_log_roots(self.trainer)
             try:
-                with _refused_pickle(self.config):
+                with _refused_pickle(self.config, self.trainer):
                     super()._run_subcommand(subcommand)
             except Exception as e:
                 if _ddkit_cause(e) is not None and self.trainer.global_step == 0:
                     for root in fresh:
                         shutil.rmtree(root, ignore_errors=True)
                 raise
+
+    class SaveConfigBesideLogs(SaveConfigCallback):
+        """The run's config in its log folder. A run without a logger has no folder of its own (Lightning's default
+        would write ``./config.yaml``, replacing a user's file of that name), so it writes none."""
+
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if trainer.logger is not None:
+                super().setup(trainer, pl_module, stage)
 
     no_exit = {"exit_on_error": False}  # parse errors become exceptions: main() prints them as one line
     DDKitCLI(
@@ -93,6 +132,7 @@ def _lightning_cli(args: list[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
@@ -103,18 +143,56 @@ def _lightning_cli(args: list[str] | None) -> None:
     )
 
 
+# ``--ckpt_path`` values Lightning resolves itself (to a file in the checkpoint directory).
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def _unreadable_checkpoint(e: BaseException) -> bool:
+    """Whether ``e`` is torch.load refusing or failing to read a checkpoint (refused pickle, truncated file)."""
+    return isinstance(e, (pickle.UnpicklingError, EOFError)) or (
+        isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
+
+
 @contextlib.contextmanager
-def _refused_pickle(config) -> Iterator[None]:
-    """A checkpoint that ``torch.load(weights_only=True)`` refuses (nothing in it has run) as one DDKitError."""
+def _refused_pickle(config, trainer=None) -> Iterator[None]:
+    """A checkpoint that ``torch.load(weights_only=True)`` refuses (nothing in it has run) or cannot read (a
+    truncated file) as one DDKitError naming the file."""
     from ddkit.formats.common import load_error_reason
 
     try:
         yield
-    except pickle.UnpicklingError as e:
+    except Exception as e:
+        if not _unreadable_checkpoint(e):
+            raise
         subcommand = config.get("subcommand")
         ckpt = config[subcommand].get("ckpt_path") if subcommand else None
+        resolved = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         raise DDKitError(f"ckpt_path: cannot be read with torch.load(weights_only=True) ({load_error_reason(e)}), "
-                         f"got {ckpt!r}") from e
+                         f"got {str(resolved or ckpt)!r}") from e
+
+
+def _atomic_checkpoint_io(io):
+    """Lightning's checkpoint writer, made atomic: write ``.<name>.tmp``, then rename, so a full disk or a kill
+    never leaves a half-written checkpoint under its final name (which ``--ckpt_path last`` would then pick)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    if type(io) is not TorchCheckpointIO:  # a user's own CheckpointIO: theirs to make safe
+        return io
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if "://" in str(path):  # a remote filesystem (fsspec): no rename there
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    return AtomicCheckpointIO()
 
 
 def _fresh_log_roots(trainer) -> list[Path]:
@@ -147,10 +225,17 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+def _quiet_full_disk_in_threads(args: threading.ExceptHookArgs) -> None:
+    """A logger's writer thread that hits a full disk stays quiet: the main thread reports it in one line."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno == errno.ENOSPC):
+        threading.__excepthook__(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_lightning()
+    threading.excepthook = _quiet_full_disk_in_threads
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
@@ -176,8 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         cause = _ddkit_cause(e)
         if debug:
             raise
+        full = _no_space(e)
         if cause is not None:
             print(f"error: {cause}", file=sys.stderr)
+        elif full is not None:
+            print(f"error: output: no space left on device (nothing half-written was kept), got {full!r}",
+                  file=sys.stderr)
         elif isinstance(e, ArgumentError):
             print(f"error: {_one_line(str(e))}", file=sys.stderr)
         else:
@@ -207,6 +296,22 @@ def _one_line(message: str) -> str:
         nested = re.search(r"val='(.*)'\)$", value)
         line += f", got {nested.group(1) if nested else value!r}"
     return line
+
+
+def _no_space(e: BaseException | None) -> str | None:
+    """The file a full disk refused to take (or the writer's message), if a full disk is behind ``e``.
+
+    Python raises OSError(ENOSPC); safetensors and torch report it in their own exception types, by message.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e.filename or e)
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return str(e).splitlines()[0][:200]
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _ddkit_cause(e: BaseException | None) -> DDKitError | None:

@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,3 +348,112 @@ def test_reference_buffer_with_nan_or_wrong_shapes_is_refused(tmp_path):
         with pytest.raises(DDKitError, match=message):
             import_reference_buffer([str(file)], str(tmp_path / name), "convnet", TINY, spec)
         assert not (tmp_path / name).exists()
+
+
+# ----------------------------------------------------------------- checkpoint paths and evaluate's output (in-process)
+
+CHECKPOINT_AND_OUTPUT_CASES = [
+    ("ckpt-missing", [*CLASSIFIER, "--ckpt_path", "{root}/nope.ckpt"], "ckpt_path: file not found, got '{root}/nope.ckpt'"),
+    ("ckpt-directory", [*CLASSIFIER, "--ckpt_path", "{empty_dir}"], "ckpt_path: is a directory, not a file"),
+    ("ckpt-truncated", [*CLASSIFIER, "--ckpt_path", "{ckpt_truncated}"],
+     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
+    ("ckpt-last-truncated", [*CLASSIFIER, "--checkpoint.dirpath", "{ckpt_dir}", "--ckpt_path", "last"],
+     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
+    ("evaluate-output-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                "--output", "{a_file}"], "output: must be a directory ddkit writes"),
+    ("evaluate-output-under-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                      "--output", "{a_file}/report"], "output: '{a_file}' is not a directory"),
+    ("evaluate-output-user-files", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                    "--output", "{distilled}"],
+     "output: already holds files that are not a ddkit evaluation report"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_inputs(inputs) -> dict[str, str]:
+    """A truncated checkpoint file, and a checkpoint folder whose last.ckpt is truncated."""
+    root = Path(inputs["root"]) / "checkpoints"
+    (root / "dir").mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 1}, root / "whole.ckpt")
+    data = (root / "whole.ckpt").read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (root / "dir" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    return {**inputs, "ckpt_truncated": str(root / "truncated.ckpt"), "ckpt_dir": str(root / "dir")}
+
+
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CHECKPOINT_AND_OUTPUT_CASES])
+def test_bad_checkpoint_or_output_is_one_line_nothing_written_or_removed(checkpoint_inputs, tmp_path, monkeypatch,
+                                                                          capsys, argv, expected):
+    inputs = checkpoint_inputs
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _listing(Path(inputs["root"]))
+    with pytest.raises(SystemExit) as e:
+        main([_fill(a, inputs) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {_fill(expected, inputs)}"), err
+    assert "got" in lines[0]
+    assert _listing(work) == [] and _listing(Path(inputs["root"])) == before
+
+
+# --------------------------------------------------- full and read-only disks (a tmpfs in a private mount namespace)
+
+_IN_NAMESPACE = r"""
+import json, subprocess, sys
+mnt, mode, work = sys.argv[1], sys.argv[2], sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "ddkit-test", mnt], check=True)
+subprocess.run(["mkdir", "-p", mnt + "/sub"], check=True)
+if mode == "full":  # every block taken: the next write gets ENOSPC
+    subprocess.run(["dd", "if=/dev/zero", "of=" + mnt + "/filler", "bs=4096"], capture_output=True)
+else:
+    subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+res = subprocess.run([sys.executable, "-m", "ddkit.cli", *sys.argv[4:]], cwd=work, capture_output=True, text=True)
+files = sorted(subprocess.run(["find", mnt, "-mindepth", "1"], capture_output=True, text=True).stdout.split())
+print(json.dumps({"code": res.returncode, "stderr": res.stderr, "files": files}))
+"""
+
+
+def _on_small_disk(tmp_path: Path, mode: str, argv: list[str]) -> dict:
+    """Run ``ddkit <argv>`` with a 512 KiB tmpfs at ``<tmp_path>/disk`` (``mode``: ``full`` or ``ro``), in a user
+    and mount namespace of its own (``unshare -rm``: no privileges needed, nothing stays mounted)."""
+    disk, work = tmp_path / "disk", tmp_path / "work"
+    disk.mkdir()
+    work.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(["unshare", "-rm", sys.executable, "-c", _IN_NAMESPACE, str(disk), mode, str(work),
+                          *[a.replace("{disk}", str(disk)) for a in argv]],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert res.returncode == 0, f"could not set up the test filesystem: {res.stderr[-2000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+FAST = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
+DISK_CASES = [
+    ("teacher-export", [*CLASSIFIER, *FAST, "--model.export_teacher", "{disk}/sub/teacher.safetensors"]),
+    ("recover", _with([*RECOVER, *FAST], model__output="{disk}/sub/out", model__export="png")),
+    ("matching", _with([*MATCHING, *FAST], model__output="{disk}/sub/out")),
+    ("evaluate", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1", "--seeds", "1",
+                  "--epochs", "1", "--progress", "false", "--output", "{disk}/sub/report"]),
+]
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, id=i) for i, a in DISK_CASES])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(inputs, tmp_path, argv):
+    out = _on_small_disk(tmp_path, "full", [_fill(a, inputs) for a in argv])
+    disk = str(tmp_path / "disk")
+    assert out["files"] == [f"{disk}/filler", f"{disk}/sub"], out["files"]  # no temp, partial or lock file
+    lines = out["stderr"].strip().splitlines()
+    assert out["code"] == 2 and len(lines) == 1, out["stderr"][-3000:]
+    assert lines[0].startswith("error: output: no space left on device"), lines
+
+
+def test_a_read_only_output_is_one_line_before_any_work(inputs, tmp_path):
+    argv = ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1", "--output",
+            "{disk}/sub/report"]
+    out = _on_small_disk(tmp_path, "ro", argv)
+    lines = out["stderr"].strip().splitlines()
+    assert out["code"] == 2 and len(lines) == 1, out["stderr"][-3000:]
+    assert lines[0].startswith(f"error: output: directory '{tmp_path / 'disk' / 'sub'}' is not writable"), lines
+    assert out["files"] == [str(tmp_path / "disk" / "sub")]

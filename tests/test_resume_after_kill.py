@@ -1,9 +1,12 @@
 """Resume after SIGKILL, every stage through the CLI: a tiny CPU fit checkpoints at every epoch (or step), is killed
-with SIGKILL once its k-th checkpoint file appears, resumes with ``--ckpt_path last``, and its final artifact must
-equal an uninterrupted run's, bit for bit (``torch.equal``; every stage is deterministic on CPU).
+with SIGKILL at a drawn time after its k-th checkpoint file appears (mid-epoch or mid-step, not only at a checkpoint),
+resumes with ``--ckpt_path last``, and its final artifact must equal an uninterrupted run's, bit for bit
+(``torch.equal``; every stage is deterministic on CPU).
 
-Kill points (k = the k-th checkpoint file; one per stage runs in ``make test``, the others are ``slow``), drawn once
-from ``random.Random(5)`` over each stage's checkpoints except the last and listed in ``KILL_POINTS``.
+Kill points (k = the k-th checkpoint file, then a delay; one per stage runs in ``make test``, the others are
+``slow``), drawn once from ``random.Random(5)`` over each stage's checkpoints except the last (delays from
+``random.Random(6)``) and listed in ``KILL_POINTS``. The buffer stage is also killed at a drawn time while it runs
+from its shipped config (``configs/digits/mtt/buffer.yaml``), which must checkpoint mid-run by itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,6 +63,9 @@ STAGES = {
                   "--model.expert_epochs", "1", "--model.max_start_epoch", "2",
                   "--model.output", "out", "--data", "ddkit.datamodules.experts.ExpertSegments",
                   "--data.buffer", "{buffer}"], 6, "out/last/images.safetensors"),
+    "buffer": ([*EVERY_EPOCH, "--model", "ddkit.modules.buffer.ExpertTraining", "--model.buffer", "out",
+                "--model.num_experts", "2", "--model.epochs", "2", "--model.net_kwargs", TINY, "--model.augment", "dsa",
+                "--trainer.use_distributed_sampler", "false", *REAL], 4, "out"),
     "kd": ([*EVERY_EPOCH, "--trainer.max_epochs", "4", "--model", "ddkit.modules.kd.KDStudent", "--model.net",
             "convnet", "--model.net_kwargs", TINY, "--model.teacher", "{teacher}", "--model.augment", "none",
             "--model.mix", "none", "--data", "ddkit.datamodules.distilled.DistilledDataModule",
@@ -67,14 +74,17 @@ STAGES = {
 }
 
 
-def _kill_points(seed: int = 5, per_stage: int = 3) -> list:
-    """``per_stage`` distinct k per stage in [1, checkpoints - 1]; the first of each runs in ``make test``."""
-    rng = random.Random(seed)
+def _kill_points(seed: int = 5, per_stage: int = 3, max_delay: float = 0.2) -> list:
+    """``per_stage`` distinct k per stage in [1, checkpoints - 1], each with a delay in [0, ``max_delay``) seconds;
+    the first of each stage runs in ``make test``."""
+    rng, delays = random.Random(seed), random.Random(seed + 1)
     points = []
     for stage, (_, n, _) in STAGES.items():
         ks = rng.sample(range(1, n), min(per_stage, n - 1))
-        points += [pytest.param(stage, k, id=f"{stage}-k{k}", marks=() if i == 0 else pytest.mark.slow)
-                   for i, k in enumerate(ks)]
+        for i, k in enumerate(ks):
+            delay = round(delays.uniform(0, max_delay), 3)
+            points.append(pytest.param(stage, k, delay, id=f"{stage}-k{k}-{delay}s",
+                                       marks=() if i == 0 else pytest.mark.slow))
     return points
 
 
@@ -102,21 +112,26 @@ def _checkpoints(cwd: Path) -> list[Path]:
         else []
 
 
-def _run_and_kill(cmd: list[str], cwd: Path, k: int) -> None:
-    """Start ``cmd`` and SIGKILL it as soon as its k-th checkpoint file exists."""
+def _run_and_kill(cmd: list[str], cwd: Path, ready: Callable[[], bool], delay: float, what: str) -> None:
+    """Start ``cmd`` and SIGKILL it ``delay`` seconds after ``ready()`` first holds."""
     child = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while len(_checkpoints(cwd)) < k:
-        assert child.poll() is None, f"finished before its checkpoint {k}: {child.stderr.read()[-3000:]}"
+    while not ready():
+        assert child.poll() is None, f"finished before {what}: {child.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    time.sleep(delay)
+    assert child.poll() is None, f"finished within {delay} s after {what}: pick a shorter delay"
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
 
 
 def _artifact(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors to compare: a safetensors file, or a Lightning checkpoint's state_dict."""
+    """The tensors to compare: a safetensors file, every safetensors file of a directory, or a Lightning
+    checkpoint's state_dict."""
+    if path.is_dir():
+        return {f"{f.name}/{k}": v for f in sorted(path.glob("*.safetensors")) for k, v in _artifact(f).items()}
     if path.suffix == ".ckpt":
         return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return load_tensors(path, "artifact")
@@ -160,13 +175,38 @@ def uninterrupted(inputs, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage, k", KILL_POINTS)
-def test_killed_run_resumes_to_the_uninterrupted_result(inputs, uninterrupted, tmp_path, stage, k):
+@pytest.mark.parametrize("stage, k, delay", KILL_POINTS)
+def test_killed_run_resumes_to_the_uninterrupted_result(inputs, uninterrupted, tmp_path, stage, k, delay):
     cmd = _command(stage, inputs)
-    _run_and_kill(cmd, tmp_path, k)
-    assert not (tmp_path / STAGES[stage][2]).exists() or STAGES[stage][2].startswith("ckpt/")
+    _run_and_kill(cmd, tmp_path, lambda: len(_checkpoints(tmp_path)) >= k, delay, f"its checkpoint {k}")
     _run([*cmd, "--ckpt_path", "last"], tmp_path)
     resumed, whole = _artifact(tmp_path / STAGES[stage][2]), uninterrupted(stage)
     assert resumed.keys() == whole.keys()
     different = [name for name in whole if not torch.equal(resumed[name], whole[name])]
     assert not different, f"{stage}: resumed != uninterrupted in {different}"
+
+
+SHIPPED_BUFFER = [sys.executable, "-m", "ddkit.cli", "fit", "-c", str(Path(__file__).resolve().parents[1] /
+                  "configs/digits/mtt/buffer.yaml"), "--model.num_experts", "2", "--model.epochs", "3",
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false"]
+
+
+def test_buffer_from_its_shipped_config_resumes_mid_run(tmp_path):
+    """Killed at a drawn time inside the second expert (``--ckpt_path last`` from the config's own checkpoints),
+    the buffer equals an uninterrupted run's, and the finished first expert is not trained again."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    _run(SHIPPED_BUFFER, whole)
+    buffer = Path("buffers/digits/mtt")
+    first = cut / buffer / "expert_0000.safetensors"
+    delay = round(random.Random(7).uniform(0.2, 1.0), 3)
+    _run_and_kill(SHIPPED_BUFFER, cut, first.exists, delay, "its first expert")
+    finished = first.stat().st_mtime_ns
+    assert not (cut / buffer / "expert_0001.safetensors").exists()
+    _run([*SHIPPED_BUFFER, "--ckpt_path", "last"], cut)
+    assert first.stat().st_mtime_ns == finished
+    resumed, uninterrupted = _artifact(cut / buffer), _artifact(whole / buffer)
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) == 2
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from ddkit.errors import DDKitError
 from ddkit.evaluation.protocols import Protocol, get_protocol
 from ddkit.evaluation.report import robust_scores, write_report
 from ddkit.formats.distilled import DistilledSet, load_distilled
+from ddkit.formats.output import OutputLock, claim_output
 
 
 @dataclass
@@ -94,6 +98,7 @@ def run_evaluation(
     full_epochs: int = 20,
     full_data_accuracy: float | None = None,
     output: str = "reports/evaluation",
+    overwrite: bool = False,
     eval_every: int = 0,
     accelerator: str = "auto",
     devices: int = 1,
@@ -121,6 +126,7 @@ def run_evaluation(
         full_epochs: epochs of the ``full`` baseline.
         full_data_accuracy: a known full-data accuracy (in [0, 1]) to print as the reference instead of training one.
         output: directory of report.json, report.md and the TensorBoard curves (``output/tb``).
+        overwrite: replace an earlier report in ``output`` (False: refuse it before any training).
         eval_every: also test every this many epochs to draw test-accuracy curves in TensorBoard (0: only at the end).
         accelerator: Lightning accelerator.
         devices: devices per evaluation run.
@@ -157,47 +163,62 @@ def run_evaluation(
         ipc = sets[0][2].ipc
     if ipc is not None and ipc <= 0:
         raise DDKitError(f"ipc: must be > 0, got {ipc!r}")
-    Path(output).mkdir(parents=True, exist_ok=True)
+    with OutputLock(output, "output"), _removed_on_failure(Path(output)):
+        claim_output(output, "output", "report", overwrite, resuming=False)
+        Path(output).mkdir(parents=True, exist_ok=True)
 
-    data.setup("fit")
-    x_train, y_train = _train_tensors(data)
-    test_loader = DataLoader(data.test_set, batch_size=1024, shuffle=False)
-    trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision,
-                      "enable_progress_bar": progress}
-    log_dir = str(Path(output) / "tb")
-    net_kwargs = dict(net_kwargs or {})
-    results: list[Result] = []
-    variants = [(p, True) for p in resolved] + [(p.without_augmentation(), False) for p in resolved if no_augmentation]
-    for protocol, augmented in variants:
-        for name, path, ds in sets:
-            results.append(_runs(name, "distilled", ds.ipc, path, lambda s, ds=ds: ds, protocol, seeds, first_seed,
-                                 net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every, augmented))
-        if "random" in baselines:
-            results.append(_runs("random", "random", ipc, None,
-                                 lambda s: random_subset_set(x_train, y_train, data, ipc, s),
-                                 protocol, seeds, first_seed, net, net_kwargs, test_loader, trainer_kwargs, log_dir,
-                                 eval_every, augmented))
-    full = None
-    if "full" in baselines:
-        whole = DistilledSet(images=x_train, labels=y_train, spec=data.spec, ipc=1, method="full")
-        protocol = get_protocol("hard", **{**options.get("hard", {}), "epochs": full_epochs})
-        full = _runs("full", "full", None, None, lambda s: whole, protocol, 1, first_seed, net, net_kwargs,
-                     test_loader, trainer_kwargs, log_dir, eval_every).to_dict()
-    elif full_data_accuracy is not None:
-        full = {"name": "full", "kind": "full", "mean": full_data_accuracy, "std": 0.0, "accuracies": [],
-                "protocol": {"name": "given"}}
-    report = {
-        "dataset": data.spec.to_dict(),
-        "net": net,
-        "net_kwargs": net_kwargs,
-        "seeds": seeds,
-        "protocols": [p.describe() for p in resolved],
-        "results": [r.to_dict() for r in results],
-        "full_data": full,
-    }
-    report["robust_scores"] = robust_scores(report)
-    write_report(report, Path(output))
+        data.setup("fit")
+        x_train, y_train = _train_tensors(data)
+        test_loader = DataLoader(data.test_set, batch_size=1024, shuffle=False)
+        trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision,
+                          "enable_progress_bar": progress}
+        log_dir = str(Path(output) / "tb")
+        net_kwargs = dict(net_kwargs or {})
+        results: list[Result] = []
+        variants = [(p, True) for p in resolved]
+        variants += [(p.without_augmentation(), False) for p in resolved if no_augmentation]
+        for protocol, augmented in variants:
+            for name, path, ds in sets:
+                results.append(_runs(name, "distilled", ds.ipc, path, lambda s, ds=ds: ds, protocol, seeds, first_seed,
+                                     net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every, augmented))
+            if "random" in baselines:
+                results.append(_runs("random", "random", ipc, None,
+                                     lambda s: random_subset_set(x_train, y_train, data, ipc, s),
+                                     protocol, seeds, first_seed, net, net_kwargs, test_loader, trainer_kwargs, log_dir,
+                                     eval_every, augmented))
+        full = None
+        if "full" in baselines:
+            whole = DistilledSet(images=x_train, labels=y_train, spec=data.spec, ipc=1, method="full")
+            protocol = get_protocol("hard", **{**options.get("hard", {}), "epochs": full_epochs})
+            full = _runs("full", "full", None, None, lambda s: whole, protocol, 1, first_seed, net, net_kwargs,
+                         test_loader, trainer_kwargs, log_dir, eval_every).to_dict()
+        elif full_data_accuracy is not None:
+            full = {"name": "full", "kind": "full", "mean": full_data_accuracy, "std": 0.0, "accuracies": [],
+                    "protocol": {"name": "given"}}
+        report = {
+            "dataset": data.spec.to_dict(),
+            "net": net,
+            "net_kwargs": net_kwargs,
+            "seeds": seeds,
+            "protocols": [p.describe() for p in resolved],
+            "results": [r.to_dict() for r in results],
+            "full_data": full,
+        }
+        report["robust_scores"] = robust_scores(report)
+        write_report(report, Path(output))
     return report
+
+
+@contextlib.contextmanager
+def _removed_on_failure(output: Path) -> Iterator[None]:
+    """An evaluation that fails takes away the output directory it created (its partial curves, no report)."""
+    created = not output.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from ddkit.formats.common import (
     atomic_dir,
     check_finite,
     load_tensors,
+    read_consistently,
     read_json,
     save_tensors,
     sha256_file,
@@ -142,7 +143,7 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
     if export not in (None, "png", "jpg"):
         raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
     path = Path(path)
-    with atomic_dir(path, field="distilled") as tmp:
+    with atomic_dir(path, field="distilled", fmt=FORMAT) as tmp:
         if is_lazy(ds.images):  # written chunk by chunk: the set is never in memory
             write_images_streaming(tmp / "images.safetensors", ds.images, image_storage, ds.spec)
         else:
@@ -183,17 +184,25 @@ def load_distilled(path: str | os.PathLike, verify_checksums: bool = True, lazy:
                    folder_spec: DataSpec | None = None) -> DistilledSet:
     """Read and validate a DistilledSet directory; any problem is one clear DDKitError.
 
+    A set replaced by another process while it is read (:func:`save_distilled` swaps directories) is read again,
+    so the result is the old set or the new one, whole.
+
     Args:
         verify_checksums: compare every tensor file with its sha256 in meta.json (reads each file once).
         lazy: keep the images on disk and read them per sample (:class:`ddkit.formats.images.LazyImages`).
-        folder_spec: the dataset's spec; with it, a directory without meta.json that holds one image sub-folder per class
-            is read as a set too (:func:`load_image_folder`).
+        folder_spec: the dataset's spec; with it, a directory without meta.json that holds one image sub-folder per
+            class is read as a set too (:func:`load_image_folder`).
     """
     path = Path(path)
+    if folder_spec is not None and path.is_dir() and not (path / "meta.json").exists() \
+            and any(p.is_dir() for p in path.iterdir()):
+        return load_image_folder(path, folder_spec)
+    return read_consistently(path, lambda p: _read_distilled(p, verify_checksums, lazy), "distilled")
+
+
+def _read_distilled(path: Path, verify_checksums: bool, lazy: bool) -> DistilledSet:
     if not path.is_dir():
         raise DDKitError(f"distilled: directory not found, got {str(path)!r}")
-    if folder_spec is not None and not (path / "meta.json").exists() and any(p.is_dir() for p in path.iterdir()):
-        return load_image_folder(path, folder_spec)
     meta = read_json(path / "meta.json", "distilled.meta")
     if meta.get("format") != FORMAT:
         raise DDKitError(f"distilled.meta.format: must be {FORMAT!r}, got {meta.get('format')!r}")

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DistributedSampler
 
+from ddkit.callbacks.output import ClaimOutput
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.modules.common import AUGMENTS, BatchAugment, build_optimizer
@@ -80,6 +81,8 @@ class ExpertTraining(L.LightningModule):
         seed: base seed of the experts' initialisations and DSA draws (expert ``k`` uses seeds derived from
             ``(seed, k)``, so it does not depend on the number of processes); None: the run's seed
             (``seed_everything``).
+        overwrite: rewrite experts this run trains that ``buffer`` already holds (False: refuse them at start;
+            adding new experts to a buffer, or a resumed run finishing its own, needs no option).
 
     Raises:
         DDKitError: a bad value (``num_experts``, ``epochs``, ``first_expert``, ``lr``, ``augment``, ``gsam_rho``),
@@ -104,6 +107,7 @@ class ExpertTraining(L.LightningModule):
         gsam_alpha: float = 0.3,
         gsam_adaptive: bool = True,
         seed: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if not buffer:
@@ -190,8 +194,12 @@ class ExpertTraining(L.LightningModule):
 
     def configure_callbacks(self):
         from ddkit.callbacks.trajectories import RecordTrajectory
+        from ddkit.formats.buffer import expert_file
 
-        return [RecordTrajectory(self.hparams.buffer)]
+        hp = self.hparams
+        experts = range(hp.first_expert, hp.first_expert + hp.num_experts)
+        return [ClaimOutput(hp.buffer, "buffer", "buffer", hp.overwrite, writes=[expert_file(k) for k in experts]),
+                RecordTrajectory(hp.buffer)]
 
     def setup(self, stage: str) -> None:
         self._rank, self._world = self.global_rank, self.trainer.world_size

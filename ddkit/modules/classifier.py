@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from ddkit.callbacks.output import ClaimOutput
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.formats.common import check_writable
@@ -37,6 +38,7 @@ class Classifier(RealDataEvaluation, L.LightningModule):
         augment: batch augmentation on the device: ``none``, ``flip``, ``crop_flip`` (pad 4), ``dsa``.
         label_smoothing: label smoothing of the hard-label loss.
         export_teacher: write the trained network as a teacher checkpoint (safetensors) here at the end of fit.
+        overwrite: replace a teacher file already at ``export_teacher`` (False: refuse it at start).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Classifier(RealDataEvaluation, L.LightningModule):
         augment: str = "none",
         label_smoothing: float = 0.0,
         export_teacher: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -110,6 +113,10 @@ class Classifier(RealDataEvaluation, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "augment_generator" in checkpoint:
             self.augment.generator.set_state(checkpoint["augment_generator"])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        hp = self.hparams
+        return [ClaimOutput(hp.export_teacher, "export_teacher", "teacher", hp.overwrite)] if hp.export_teacher else []
 
     def on_train_end(self) -> None:
         if self.hparams.export_teacher and self.trainer.is_global_zero:

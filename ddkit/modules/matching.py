@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ddkit.callbacks.output import ClaimOutput
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.formats.common import check_writable
@@ -239,6 +240,8 @@ class TrajectoryMatching(L.LightningModule):
         output: directory of the run's DistilledSets: ``<output>/last`` (written every ``save_every`` iterations
             and at the end); PeriodicEvaluation adds ``<output>/best``.
         save_every: write ``<output>/last`` every this many iterations (0: only at the end).
+        overwrite: replace the sets of an earlier run already in ``output`` (False: refuse them at start; a resumed
+            run may always go on writing its own).
         seed: base seed of initialisation and segment sampling; ``None``: the run's ``seed_everything`` seed.
     """
 
@@ -274,6 +277,7 @@ class TrajectoryMatching(L.LightningModule):
         output: str = "distilled/matching",
         save_every: int = 0,
         seed: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.spec = data_spec = as_spec(data_spec)
@@ -605,6 +609,9 @@ class TrajectoryMatching(L.LightningModule):
             o.step()
         for p in params:
             p.grad = None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ClaimOutput(self.hparams.output, "output", "matching", self.hparams.overwrite)]
 
     def configure_optimizers(self):
         hp = self.hparams

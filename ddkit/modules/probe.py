@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from ddkit.callbacks.output import ClaimOutput
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
 from ddkit.formats.common import check_writable, load_weights_only
@@ -88,6 +89,7 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
             (folder datasets are already RandomResizedCrop + flip in the datamodule).
         head_init_std: std of the head's normal initialisation (bias zero).
         export_teacher: write backbone + head as a teacher checkpoint (safetensors) here at the end of fit.
+        overwrite: replace a teacher file already at ``export_teacher`` (False: refuse it at start).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
         augment: str = "none",
         head_init_std: float = 0.01,
         export_teacher: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -202,6 +205,10 @@ class LinearProbe(RealDataEvaluation, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "augment_generator" in checkpoint:
             self.augment.generator.set_state(checkpoint["augment_generator"])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        hp = self.hparams
+        return [ClaimOutput(hp.export_teacher, "export_teacher", "teacher", hp.overwrite)] if hp.export_teacher else []
 
     def on_train_end(self) -> None:
         if self.hparams.export_teacher and self.trainer.is_global_zero:

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit.callbacks.bn_matching import BNStatisticsMatching, batchnorm_layers
+from ddkit.callbacks.output import ClaimOutput
+from ddkit.callbacks.resume import check_resumed_options
 from ddkit.datamodules.recover import JobStep, RecoverPlan
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
@@ -63,10 +65,6 @@ log = logging.getLogger(__name__)
 METHODS = ("sre2l", "scdd", "cda")
 EXPORTS = ("png", "jpg")
 CKPT_KEY = "ddkit_recover"
-WORK_DIR = ".work"
-# Options that do not change the images: a run may resume with other values for these.
-_NOT_PLAN = ("teacher", "output", "export", "method", "log_images_every_n_steps", "max_nonfinite")
-
 
 class Recover(L.LightningModule):
     """Recover synthetic images from a frozen BN teacher (SRe2L / SC-DD / CDA), one job at a time.
@@ -101,7 +99,7 @@ class Recover(L.LightningModule):
             (``seed_everything``). Job ``(ipc index, first class)`` draws from its own generator, so a job's images do
             not depend on the number of processes.
         method: recorded in the DistilledSet: ``sre2l``, ``scdd`` or ``cda``.
-        output: directory of the DistilledSet; the per-job shards live in ``output/.work`` until the end.
+        output: directory of the DistilledSet; the per-job shards live in ``.<name>.work`` beside it until the end.
         export: also write the SRe2L image folder as ``png`` (default) or ``jpg`` (the reference's lossy format);
             ``None`` writes none. Pixels are truncated to 8 bits as in the reference.
         image_storage: how ``images.safetensors`` holds the images: ``float32`` (exact), ``float16`` or ``uint8``
@@ -109,11 +107,16 @@ class Recover(L.LightningModule):
         log_images_every_n_steps: log a grid of the current job's images to TensorBoard this often (0: never).
         max_nonfinite: a step whose loss is NaN or inf is skipped (images and Adam state unchanged) and counted
             (``recover/nonfinite``); after this many such steps in a row the run stops with one line, keeping the
-            finished jobs in ``output/.work`` (resume with ``--ckpt_path last``). As in TrajectoryMatching.
+            finished jobs in the work directory (resume with ``--ckpt_path last``). As in TrajectoryMatching.
+        overwrite: replace a DistilledSet already at ``output`` (False: refuse it at start; a resumed run may
+            always finish its own).
 
     Raises:
         DDKitError: a bad option, a teacher that does not fit ``data_spec``; at fit start, a teacher without BN.
     """
+
+    # Options a resumed run may change: where and how it writes, not the images it computes.
+    resume_may_change = ("teacher", "output", "export", "method", "log_images_every_n_steps", "max_nonfinite")
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class Recover(L.LightningModule):
         image_storage: str = "float32",
         log_images_every_n_steps: int = 200,
         max_nonfinite: int = 5,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         spec = as_spec(data_spec)
@@ -203,12 +207,16 @@ class Recover(L.LightningModule):
 
     @property
     def work_dir(self) -> Path:
-        return Path(self.hparams.output) / WORK_DIR
+        """``.<name>.work`` beside ``output``: outside the set's directory, which is replaced as a whole."""
+        output = Path(self.hparams.output).absolute()
+        return output.with_name(f".{output.name}.work")
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [BNStatisticsMatching(first_bn_multiplier=self.hparams.first_bn_multiplier)]
+        hp = self.hparams
+        return [ClaimOutput(hp.output, "output", "distilled", hp.overwrite),
+                BNStatisticsMatching(first_bn_multiplier=hp.first_bn_multiplier)]
 
     def transfer_batch_to_device(self, batch: JobStep, device: torch.device, dataloader_idx: int) -> JobStep:
         """A step's batch is a few Python ints: nothing to move (skips Lightning's per-step collection walk)."""
@@ -332,13 +340,7 @@ class Recover(L.LightningModule):
         if state is None:
             raise DDKitError("ckpt_path: not a Recover checkpoint (no recovery state in it), got a checkpoint "
                              f"with keys {sorted(checkpoint)}")
-        old = checkpoint.get("hyper_parameters", {})
-        for key, value in self.hparams.items():
-            if key in _NOT_PLAN or key not in old:
-                continue
-            if _plain(old[key]) != _plain(value):
-                raise DDKitError(f"{key}: the checkpoint was made with {key}={_plain(old[key])!r}; resume with the "
-                                 f"same value, got {_plain(value)!r}")
+        check_resumed_options(checkpoint.get("hyper_parameters", {}), dict(self.hparams), self.resume_may_change)
         if self.hparams.seed is None and state["seed"] is None:
             raise DDKitError("seed: the checkpoint has no seed, got None")
         self._seed = int(state["seed"])
@@ -466,7 +468,7 @@ class Recover(L.LightningModule):
             },
         )
         save_distilled(ds, self.hparams.output, export=self.hparams.export, image_storage=self.hparams.image_storage)
-        shutil.rmtree(self.work_dir, ignore_errors=True)  # normally gone with the replaced directory already
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _restore_rank_state(self, state: dict[str, Any]) -> None:
         """Put back this rank's images, Adam state and generator (after DDP has wrapped the model)."""

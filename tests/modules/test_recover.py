@@ -130,7 +130,7 @@ def test_writes_distilled_set_and_image_folder(tmp_path, spec, teacher_path) -> 
     meta = json.loads((out / "meta.json").read_text())
     assert meta["config"]["iterations"] == 5 and meta["config"]["data_spec"]["dataset"] == "digits"
     assert meta["extra"]["written_by_rank"] == [[0, 1, 2, 3, 4, 5]]
-    assert not (out / ".work").exists()
+    assert not (out.parent / f".{out.name}.work").exists()
 
     # The SRe2L folder: new{c:03d}/class{c:03d}_id{i:03d}.png holding the truncated 8-bit pixels of image (c, i).
     files = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png"))
@@ -243,8 +243,8 @@ def test_resume_with_other_plan_is_rejected(tmp_path, spec, teacher_path) -> Non
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True)
     _fit(_recover(spec, teacher_path, tmp_path / "out"), tmp_path, callbacks=[ckpt], max_steps=4)
     other = _recover(spec, teacher_path, tmp_path / "out", iterations=6)
-    with pytest.raises(DDKitError, match=r"^iterations: the checkpoint was made with iterations=5; resume with the "
-                                         r"same value, got 6$"):
+    with pytest.raises(DDKitError, match=r"^model.iterations: the checkpoint was made with iterations=5; resume with the "
+                                         r"same value \(or start a new run to change it\), got 6$"):
         _fit(other, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
 
@@ -290,7 +290,7 @@ def test_nonfinite_steps_in_a_row_stop_with_one_line(tmp_path, spec, teacher_pat
                                          r"lower lr or r_bn; finished jobs kept in .*\.work, got nan$"):
         _fit(module, tmp_path)
     assert module.nonfinite_steps == 3
-    x, y, _ = read_shard(tmp_path / "out" / ".work", 0)  # job 0 finished on its last good images
+    x, y, _ = read_shard(tmp_path / ".out.work", 0)  # job 0 finished on its last good images
     assert bool(torch.isfinite(x).all()) and y.tolist() == [0, 1, 2, 3]
     assert not (tmp_path / "out" / "meta.json").exists()
 
@@ -310,7 +310,7 @@ def test_resume_mid_job_is_bit_exact(tmp_path, spec, teacher_path, resume_from) 
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=3, save_last=True, save_top_k=-1)
     _fit(_recover(spec, teacher_path, tmp_path / "out", **options), tmp_path / "b", callbacks=[ckpt], max_steps=8)
     assert not (tmp_path / "out" / "meta.json").exists()
-    assert sorted(p.name for p in (tmp_path / "out" / ".work").iterdir()) == ["job_000000.safetensors"]
+    assert sorted(p.name for p in (tmp_path / ".out.work").iterdir()) == ["job_000000.safetensors"]
     state = torch.load(ckpt_dir / resume_from, weights_only=True)[CKPT_KEY]
     assert state["ranks"][0]["job"] == 1
 
