@@ -168,10 +168,12 @@ class LazyImages(_Images):
         self._offset = 8 + n + begin
         if end - begin != shape[0] * self._sample or self.path.stat().st_size < self._offset + end - begin:
             raise DDKitError(f"{field}: file shorter than its header says (truncated?), got {str(self.path)!r}")
-        self._fd: int | None = None
+        # Opened now, so that this process keeps reading the file it checked even if the set is replaced meanwhile;
+        # a copy sent to another process (a spawned DataLoader worker) opens the path again.
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None}  # each process (DataLoader worker, rank) opens its own descriptor
+        return {**self.__dict__, "_fd": None}
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
