@@ -39,3 +39,13 @@ def test_hard_label_set_exports_without_soft_labels_and_bad_exports_are_refused(
     torch.save({"not": "a tensor"}, tmp_path / "out/images.pt")
     with pytest.raises(DDKitError, match=r"^ddranking.images.pt: must hold one tensor, got dict$"):
         load_ddranking_export(tmp_path / "out")
+
+
+def test_unknown_export_format_is_one_line(tmp_path, capsys):
+    from ddkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "tfrecord", str(tmp_path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: format: must be one of ddranking, got 'tfrecord'"]
+    assert not (tmp_path / "out").exists()
