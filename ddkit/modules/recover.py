@@ -116,7 +116,8 @@ class Recover(L.LightningModule):
     """
 
     # Options a resumed run may change: where and how it writes, not the images it computes.
-    resume_may_change = ("teacher", "output", "export", "method", "log_images_every_n_steps", "max_nonfinite")
+    resume_may_change = ("teacher", "output", "export", "image_storage", "method", "log_images_every_n_steps",
+                         "max_nonfinite")
 
     def __init__(
         self,
