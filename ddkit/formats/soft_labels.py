@@ -79,9 +79,14 @@ def num_batches(num_images: int, batch_size: int) -> int:
 
 
 def check_topk(topk: int | None, num_classes: int, field: str = "soft_label_topk") -> None:
-    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= min(num_classes, 32767)):
-        raise DDKitError(f"{field}: must be an integer in [1, {min(num_classes, 32767)}] (the number of classes), "
-                         f"got {topk!r}")
+    """``topk`` must be None or an integer in [1, K]; top-k stores hold classes as int16, so K <= 32768."""
+    if topk is None:
+        return
+    if num_classes > 32768:
+        raise DDKitError(f"{field}: top-k stores hold classes as int16 (at most 32768 classes), got {topk!r} for "
+                         f"{num_classes} classes")
+    if not (isinstance(topk, int) and 1 <= topk <= num_classes):
+        raise DDKitError(f"{field}: must be an integer in [1, {num_classes}] (the number of classes), got {topk!r}")
 
 
 def topk_logits(logits: torch.Tensor, k: int, temperature: float) -> dict[str, torch.Tensor]:
