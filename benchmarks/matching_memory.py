@@ -15,6 +15,9 @@ each run's mean step time, its peak the maximum.
     python benchmarks/matching_memory.py                    # writes benchmarks/results/matching_memory.{json,md}
     python benchmarks/matching_memory.py --syn_steps 10 20 --repeats 1 --steps 2   # quick look
     python benchmarks/matching_memory.py --pool benchmarks/results/matching_memory_runs/*.json  # earlier runs
+    python benchmarks/matching_memory.py --problem cifar100-ipc10 --engines unroll --syn_steps 1 2 --steps 1 \
+        --warmup 0 --repeats 1 --output benchmarks/results/matching_real_shapes/cifar100-ipc10_unroll.json
+        # the shapes of a paper-scale DATM config (PROBLEMS below); no targets are checked for them
 
 Engines: ``unroll``, ``tesla``, ``adjoint`` (TrajectoryMatching's default ``graph_window``: the last steps keep
 their graphs), ``adjoint-w0`` (``graph_window: 0``, every step recomputed: the least memory) and
