@@ -39,8 +39,8 @@ def test_stage_config_parses_and_names_its_source(config, capsys):
         main(["fit", "-c", str(config), "--print_config"])
     assert e.value.code in (0, None)
     printed = capsys.readouterr().out
-    model = re.search(r"^model:\n  class_path: (ddkit\.modules\.\S+)", printed, re.M)
-    data = re.search(r"^data:\n  class_path: (ddkit\.datamodules\.\S+)", printed, re.M)
+    model = re.search(r"^model:\n  class_path: (ddkit\.modules\.\S+)", printed, re.MULTILINE)
+    data = re.search(r"^data:\n  class_path: (ddkit\.datamodules\.\S+)", printed, re.MULTILINE)
     assert model and data, printed[:2000]
     dataset = config.relative_to(REPO / "configs").parts[0]
     assert re.search(rf"\b{dataset}\b", printed), "the config's dataset (or its buffer/output paths) is its folder's"

@@ -90,9 +90,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Full-data reference: {100 * full['mean']:.2f} % ({how}" + (f", {epochs} epochs)" if epochs else ")")]
     scores = report.get("robust_scores") or []
     if any(s["lrs"] is not None or s["ars"] is not None for s in scores):
-        lines += ["", "DD-Ranking scores (arXiv 2505.13300; HLR, IOR as fractions; LRS, ARS in [0, 100]; "
-                      "`-`: a run they need is not in this report):", "",
-                  "| set | protocol | HLR | IOR | LRS | ARS |", "|---|---|---|---|---|---|"]
+        title = ("DD-Ranking scores (arXiv 2505.13300; HLR, IOR as fractions; LRS, ARS in [0, 100]; "
+                 "`-`: a run they need is not in this report):")
+        lines += ["", title, "", "| set | protocol | HLR | IOR | LRS | ARS |", "|---|---|---|---|---|---|"]
         for s in scores:
             cells = [f"{s[k]:.4f}" if s[k] is not None else "-" for k in ("hlr", "ior")]
             cells += [f"{s[k]:.2f}" if s[k] is not None else "-" for k in ("lrs", "ars")]
