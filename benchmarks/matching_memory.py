@@ -15,6 +15,9 @@ each run's mean step time, its peak the maximum.
     python benchmarks/matching_memory.py                    # writes benchmarks/results/matching_memory.{json,md}
     python benchmarks/matching_memory.py --syn_steps 10 20 --repeats 1 --steps 2   # quick look
     python benchmarks/matching_memory.py --pool benchmarks/results/matching_memory_runs/*.json  # earlier runs
+    python benchmarks/matching_memory.py --problem cifar100-ipc10 --engines unroll --syn_steps 1 2 --steps 1 \
+        --warmup 0 --repeats 1 --output benchmarks/results/matching_real_shapes/cifar100-ipc10_unroll.json
+        # the shapes of a paper-scale DATM config (PROBLEMS below); no targets are checked for them
 
 Engines: ``unroll``, ``tesla``, ``adjoint`` (TrajectoryMatching's default ``graph_window``: the last steps keep
 their graphs), ``adjoint-w0`` (``graph_window: 0``, every step recomputed: the least memory) and
@@ -49,6 +52,23 @@ ENGINES = ("unroll", "tesla", "adjoint", "adjoint-w0", "adjoint-compiled")
 ADJOINTS = ("adjoint", "adjoint-w0", "adjoint-compiled")
 # Issue #7: adjoint peak at the most steps / at the fewest, and adjoint time / unroll time.
 PEAK_TARGET, TIME_TARGET = 1.3, 1.2
+# The problems a run can measure: `fmnist-cpu` (the default, issue #7's) and the shapes of the paper-scale DATM configs
+# configs/cifar10/datm/distill_ipc50.yaml and configs/cifar100/datm/distill_ipc10.yaml (ConvNet-D3 width 128, instance
+# norm, 3x32x32; images and labels generated, the cost does not depend on their values).
+PROBLEMS = {
+    "fmnist-cpu": {"dataset": "fashion_mnist", "classes": 10, "chans": 1, "size": 28, "width": 32, "ipc": 10,
+                   "batch_syn": 100},
+    "cifar10-ipc50": {"dataset": "cifar10", "classes": 10, "chans": 3, "size": 32, "width": 128, "ipc": 50,
+                      "batch_syn": 500},
+    "cifar100-ipc10": {"dataset": "cifar100", "classes": 100, "chans": 3, "size": 32, "width": 128, "ipc": 10,
+                       "batch_syn": 1000},
+}
+
+
+def describe(problem: str) -> str:
+    p = PROBLEMS[problem]
+    return (f"ConvNet-D3 width {p['width']} instance norm, {p['chans']}x{p['size']}x{p['size']}, {p['classes']} classes, "
+            f"IPC {p['ipc']} ({p['ipc'] * p['classes']} images), batch_syn {p['batch_syn']}, DATM soft labels, DSA")
 
 
 def rss_bytes() -> int:
@@ -57,7 +77,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) -> dict:
+def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int, problem: str = "fmnist-cpu") -> dict:
     """One setting in this (fresh) process; returns its measurements."""
     import torch
 
@@ -69,11 +89,13 @@ def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) ->
     from ddkit.nets import build_net
     from ddkit.ops.matching_grad import flatten_params
 
-    spec = DataSpec("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), class_names=tuple(map(str, range(10))))
-    kwargs = {"depth": 3, "width": 32, "norm": "instance"}
+    p = PROBLEMS[problem]
+    c, k = p["chans"], p["classes"]
+    spec = DataSpec(p["dataset"], k, c, p["size"], (0.5,) * c, (0.25,) * c, class_names=tuple(map(str, range(k))))
+    kwargs = {"depth": 3, "width": p["width"], "norm": "instance"}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        net = build_net("convnet", 10, 1, 28, **kwargs)
+        net = build_net("convnet", k, c, p["size"], **kwargs)
         write_buffer_meta(tmp, BufferMeta.for_net("convnet", kwargs, spec, net, 3))
         theta = flatten_params(net)
         g = torch.Generator().manual_seed(0)
@@ -82,8 +104,8 @@ def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) ->
             rows.append(rows[-1] + 0.01 * torch.randn(theta.shape, generator=g))
         save_expert(tmp, 0, torch.stack(rows))
         data = SimpleNamespace(buffer=ExpertBuffer(tmp))
-        m = TrajectoryMatching(spec, ipc=10, syn_steps=syn_steps, expert_epochs=2, max_start_epoch=1,
-                               sequential_generation=False, batch_syn=100, threshold=None,
+        m = TrajectoryMatching(spec, ipc=p["ipc"], syn_steps=syn_steps, expert_epochs=2, max_start_epoch=1,
+                               sequential_generation=False, batch_syn=p["batch_syn"], threshold=None,
                                engine=engine.split("-")[0], **VARIANTS.get(engine, {}), pix_init="noise",
                                output=str(Path(tmp) / "out"), seed=0)
         m.attach(data)
@@ -111,7 +133,7 @@ def child(engine: str, syn_steps: int, steps: int, warmup: int, threads: int) ->
 
 def run_child(engine: str, syn_steps: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, str(syn_steps), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--threads", str(args.threads)]
+           str(args.warmup), "--threads", str(args.threads), "--problem", args.problem]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if proc.returncode != 0:
@@ -207,6 +229,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved sweeps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--output", default=str(RESULTS / "matching_memory.json"))
+    parser.add_argument("--problem", default="fmnist-cpu", choices=list(PROBLEMS),
+                        help="the shapes (fmnist-cpu: issue #7's targets; the others: the DATM configs')")
     parser.add_argument("--pool", nargs="+", metavar="JSON",
                         help="run nothing: pool the adjoint/unroll ratios at the largest --syn_steps of these runs")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "SYN_STEPS"), help=argparse.SUPPRESS)
@@ -215,7 +239,8 @@ def main() -> None:
         print(pooled(args.pool, max(args.syn_steps)))
         return
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.warmup, args.threads)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.steps, args.warmup, args.threads,
+                               args.problem)))
         return
 
     import torch
@@ -241,8 +266,7 @@ def main() -> None:
                      "first_loss": rs[0]["losses"][0], "warmup_s_runs": [r["warmup_s"] for r in rs],
                      "num_params": rs[0]["num_params"]}
     summary = {
-        "problem": "ConvNet-D3 width 32 instance norm, 1x28x28, 10 classes, IPC 10 (100 images), batch_syn 100, "
-                   "DATM soft labels, DSA",
+        "problem": describe(args.problem), "problem_name": args.problem,
         "syn_steps": args.syn_steps, "engines": args.engines, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "threads": args.threads,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
@@ -250,7 +274,7 @@ def main() -> None:
         "command": "python benchmarks/matching_memory.py " + " ".join(sys.argv[1:]),
         "results": rows,
     }
-    summary["targets"] = targets(rows, args.syn_steps)
+    summary["targets"] = targets(rows, args.syn_steps) if args.problem == "fmnist-cpu" else {}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))

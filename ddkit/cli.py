@@ -1,5 +1,5 @@
 """The ``ddkit`` command: LightningCLI in subclass mode (``fit``, ``validate``, ``test``, ``predict``) plus
-``evaluate``, ``chain`` and ``show``.
+``evaluate``, ``chain``, ``show``, ``teacher import`` and ``export``.
 
 Every stage is ``ddkit fit -c configs/<dataset>/<method>/<stage>.yaml``; ``--print_config`` prints every option's
 value, ``--model.help <class>`` its documentation. Bad input ends with one line ``error: <field>: <problem>, got
@@ -326,6 +326,14 @@ def main(argv: list[str] | None = None) -> None:
             from ddkit.show import show_cli
 
             show_cli(argv[1:])
+        elif argv[0] == "export":
+            from ddkit.export_cli import export_cli
+
+            export_cli(argv[1:])
+        elif argv[0] == "teacher":
+            from ddkit.teacher_cli import teacher_cli
+
+            teacher_cli(argv[1:])
         else:
             # LightningCLI reads sys.argv itself; giving it both is reported as a likely mistake.
             _lightning_cli(None if from_command_line else argv)
@@ -358,6 +366,8 @@ commands:
   evaluate   train fresh networks on distilled sets under a protocol, report test accuracy (mean ± std)
   chain      a method's whole chain in one command, cached stages skipped: ddkit chain sre2l --data digits
   show       write a PNG grid of a distilled set and print where: ddkit show <DistilledSet directory>
+  teacher    import a torchvision / timm ResNet checkpoint as a teacher: ddkit teacher import <file> --net resnet18
+  export     write a distilled set for other tools: ddkit export ddranking <DistilledSet directory> --output <dir>
 
 options of every command:
   --verbose  keep Lightning's banners, seed lines and warnings about the stages' design on the console

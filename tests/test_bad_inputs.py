@@ -42,6 +42,8 @@ Cases (id: what is wrong):
 - output-unwritable: recover ``model.output`` below a regular file (the directory cannot be created)
 - export-teacher-unwritable: classifier ``model.export_teacher`` below a regular file
 - evaluate-ipc-zero: ``ddkit evaluate --ipc 0``
+- teacher-import-missing: ``ddkit teacher import`` of a checkpoint file that does not exist
+- teacher-import-not-torch: ``ddkit teacher import`` of random bytes
 - option-wrong-type: ``data.batch_size: many`` (not an int; a parser error, reported as one line)
 
 Values inside artifacts (one value of a written artifact edited; ``DISTILLED_EDITS``, ``TEACHER_EDITS``,
@@ -433,6 +435,11 @@ CASES = [
      "export_teacher: '{a_file}' is not a directory"),
     ("evaluate-ipc-zero", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "0"],
      "ipc: must be > 0, got 0"),
+    ("teacher-import-missing", ["teacher", "import", "missing.pth", "--net", "resnet18", "--dataset", "imagenet",
+                                "--output", "t.safetensors"], "checkpoint: file not found, got 'missing.pth'"),
+    ("teacher-import-not-torch", ["teacher", "import", "{teacher_random}", "--net", "resnet18", "--dataset",
+                                  "imagenet", "--output", "t.safetensors"],
+     "checkpoint: cannot be read with torch.load(weights_only=True)"),
     ("option-wrong-type", _with(CLASSIFIER, data__batch_size="many"),
      "data.batch_size: Expected a <class 'int'>. Got value: many"),
 ]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ddkit.datamodules.real import RealDataModule
 from ddkit.errors import DDKitError
@@ -24,6 +24,21 @@ def check_compatible(ds: DistilledSet, data: RealDataModule, where: str = "disti
                              f"{name}={getattr(b, name)!r}, got {where}.{name}={getattr(a, name)!r}")
 
 
+class ImagesAndTargets(Dataset):
+    """``(images[i], targets[i])`` pairs; ``images`` may be a tensor or a lazy reader (read per sample)."""
+
+    def __init__(self, images, targets: torch.Tensor) -> None:
+        if len(images) != len(targets):
+            raise DDKitError(f"targets: one per image ({len(images)}), got {len(targets)}")
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.targets[i]
+
+
 def training_targets(ds: DistilledSet, labels: str) -> torch.Tensor:
     """Hard labels [N] (int64) or soft targets softmax(label_logits) [N, K] (float32)."""
     if labels not in LABEL_MODES:
@@ -37,19 +52,22 @@ class DistilledDataModule(RealDataModule):
     """Train on a DistilledSet; validate and test on the real dataset.
 
     Args:
-        distilled: path of the DistilledSet directory.
+        distilled: path of the DistilledSet directory, or of an image folder with one sub-folder per class (recover's
+            SRe2L export ``images/``, or SRe2L's released images), which is read lazily.
         labels: ``hard`` (CE on hard labels), ``soft`` (soft-target CE on softmax of the learned label logits, or
             one-hot when there are none) or ``auto`` (soft when the set has learned logits).
+        lazy: read the images per sample from disk (a DataLoader worker or DDP rank reads only its batches' images)
+            instead of loading the set; for sets larger than memory.
         **kwargs: the real dataset's options (see RealDataModule); ``batch_size`` applies to the distilled set.
     """
 
-    def __init__(self, distilled: str, labels: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, distilled: str, labels: str = "auto", lazy: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if labels not in LABEL_MODES:
             raise DDKitError(f"labels: must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
         self.distilled_path = distilled
         self.labels = labels
-        self.distilled = load_distilled(distilled)
+        self.distilled = load_distilled(distilled, lazy=lazy, folder_spec=self.spec)
         check_compatible(self.distilled, self)
         if self.distilled.zca is not None:
             from ddkit.ops.zca import ZCA
@@ -59,7 +77,7 @@ class DistilledDataModule(RealDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         targets = training_targets(self.distilled, self.labels)
-        self.train_set = TensorDataset(self.distilled.images, targets)
+        self.train_set = ImagesAndTargets(self.distilled.images, targets)
 
     def train_dataloader(self) -> DataLoader:
         # A stage that samples the distilled set itself (KD: per-batch views and mixes, stored teacher labels) says

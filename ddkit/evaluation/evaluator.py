@@ -21,7 +21,7 @@ from ddkit.datamodules.distilled import check_compatible
 from ddkit.datamodules.real import RealDataModule, random_real_subset
 from ddkit.errors import DDKitError
 from ddkit.evaluation.protocols import PROTOCOLS, Protocol, get_protocol
-from ddkit.evaluation.report import write_report
+from ddkit.evaluation.report import robust_scores, write_report
 from ddkit.formats.distilled import DistilledSet, load_distilled
 from ddkit.formats.output import OutputLock, claim_output
 
@@ -37,6 +37,7 @@ class Result:
     accuracies: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     source: str | None = None
+    augmented: bool = True  # False: the protocol's augmentation was off (``no_augmentation`` runs)
 
     @property
     def mean(self) -> float:
@@ -50,7 +51,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "ipc": self.ipc, "protocol": self.protocol,
                 "accuracies": self.accuracies, "mean": self.mean, "std": self.std,
-                "wall_time_s": round(self.wall_time_s, 2), "source": self.source}
+                "wall_time_s": round(self.wall_time_s, 2), "source": self.source, "augmented": self.augmented}
 
 
 def train_and_test(ds: DistilledSet, protocol: Protocol, net: str, net_kwargs: dict, test_loader: DataLoader,
@@ -107,12 +108,15 @@ def run_evaluation(
     devices: int = 1,
     precision: str = "32-true",
     progress: bool = True,
+    lazy: bool = False,
+    no_augmentation: bool = False,
 ) -> dict[str, Any]:
     """Evaluate distilled sets and baselines under named protocols; write ``report.json`` and ``report.md``.
 
     Args:
         data: the real dataset (its test split is the test set; its training split feeds the baselines).
-        distilled: DistilledSet directories to evaluate.
+        distilled: DistilledSet directories to evaluate (or image folders with one sub-folder per class, such as
+            recover's SRe2L export, read lazily).
         baselines: ``random`` (``ipc`` random real images per class, a new subset per seed) and/or ``full`` (the whole
             training split, one run of ``full_epochs`` epochs with the protocol's optimizer: the full-data reference).
         ipc: images per class of the random baseline (default: the IPC of the first distilled set).
@@ -133,6 +137,9 @@ def run_evaluation(
         devices: devices per evaluation run.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         progress: show progress bars.
+        lazy: read the distilled sets' images per sample from disk instead of loading them (sets larger than memory).
+        no_augmentation: also train every set and the random baseline under each protocol with its data augmentation
+            off, which DD-Ranking's augmentation-robust score needs (see :func:`ddkit.evaluation.report.robust_scores`).
     """
     distilled = list(distilled or [])
     baselines = list(baselines or [])
@@ -152,7 +159,7 @@ def run_evaluation(
             raise DDKitError(f"protocol_options.{name}: not a protocol (known: {', '.join(PROTOCOLS)}), "
                              f"got {options[name]!r}")
     resolved = [get_protocol(p, **{**options.get(p, {}), "epochs": epochs}) for p in protocols]
-    loaded = [load_distilled(p) for p in distilled]
+    loaded = [load_distilled(p, lazy=lazy, folder_spec=data.spec) for p in distilled]
     sets = list(zip(set_names(loaded, distilled, baselines), distilled, loaded))
     for _, path, ds in sets:
         check_compatible(ds, data, where=f"distilled[{Path(path).name}]")
@@ -178,15 +185,17 @@ def run_evaluation(
         log_dir = log_dir or str(Path(output) / "tb")
         net_kwargs = dict(net_kwargs or {})
         results: list[Result] = []
-        for protocol in resolved:
+        variants = [(p, True) for p in resolved]
+        variants += [(p.without_augmentation(), False) for p in resolved if no_augmentation]
+        for protocol, augmented in variants:
             for name, path, ds in sets:
                 results.append(_runs(name, "distilled", ds.ipc, path, lambda s, ds=ds: ds, protocol, seeds, first_seed,
-                                     net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every))
+                                     net, net_kwargs, test_loader, trainer_kwargs, log_dir, eval_every, augmented))
             if "random" in baselines:
                 results.append(_runs("random", "random", ipc, None,
                                      lambda s: random_subset_set(x_train, y_train, data, ipc, s),
                                      protocol, seeds, first_seed, net, net_kwargs, test_loader, trainer_kwargs, log_dir,
-                                     eval_every))
+                                     eval_every, augmented))
         full = None
         if "full" in baselines:
             whole = DistilledSet(images=x_train, labels=y_train, spec=data.spec, ipc=1, method="full")
@@ -205,6 +214,7 @@ def run_evaluation(
             "results": [r.to_dict() for r in results],
             "full_data": full,
         }
+        report["robust_scores"] = robust_scores(report)
         write_report(report, Path(output))
     return report
 
@@ -245,13 +255,13 @@ def _train_tensors(data: RealDataModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _runs(name, kind, ipc, source, make_set, protocol, seeds, first_seed, net, net_kwargs, test_loader,
-          trainer_kwargs, log_dir, eval_every) -> Result:
-    result = Result(name=name, kind=kind, ipc=ipc, protocol=protocol.describe(), source=source)
+          trainer_kwargs, log_dir, eval_every, augmented: bool = True) -> Result:
+    result = Result(name=name, kind=kind, ipc=ipc, protocol=protocol.describe(), source=source, augmented=augmented)
     start = time.perf_counter()
     for seed in range(first_seed, first_seed + seeds):
         ds = make_set(seed)
         acc = train_and_test(ds, protocol, net, net_kwargs, test_loader, seed, trainer_kwargs, log_dir,
-                             f"{protocol.name}/{name}", eval_every)
+                             f"{protocol.name}{'' if augmented else '-naug'}/{name}", eval_every)
         result.accuracies.append(acc)
     result.wall_time_s = time.perf_counter() - start
     return result

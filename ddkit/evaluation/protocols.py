@@ -6,11 +6,11 @@ train and with which batch size; the evaluator does the rest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 import lightning as L
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ddkit.datamodules.spec import DataSpec
 from ddkit.errors import DDKitError
@@ -38,13 +38,19 @@ class Protocol:
         """The training targets this protocol uses for ``ds``."""
         raise NotImplementedError
 
+    def without_augmentation(self) -> Protocol:
+        """The same protocol with its data augmentation off (DD-Ranking's "naug" runs)."""
+        raise NotImplementedError
+
     def make_module(self, spec: DataSpec, net: str, net_kwargs: dict, ds: DistilledSet) -> L.LightningModule:
         raise NotImplementedError
 
     def train_loader(self, ds: DistilledSet) -> DataLoader | None:
         """The training loader for ``ds``: shuffled batches of (images, targets). ``None`` means the module made by
         :meth:`make_module` samples the set itself (its ``train_dataloader`` hook), as the ``kd`` protocol does."""
-        return DataLoader(TensorDataset(ds.images, self.targets(ds)), batch_size=min(self.batch_size, len(ds)),
+        from ddkit.datamodules.distilled import ImagesAndTargets
+
+        return DataLoader(ImagesAndTargets(ds.images, self.targets(ds)), batch_size=min(self.batch_size, len(ds)),
                           shuffle=True)
 
 
@@ -62,6 +68,9 @@ class HardProtocol(Protocol):
 
     def targets(self, ds: DistilledSet):
         return ds.labels
+
+    def without_augmentation(self) -> Protocol:
+        return replace(self, augment="none")
 
     def learning_rate(self, ds: DistilledSet) -> float:
         return self.lr
@@ -99,7 +108,8 @@ class KDProtocol(Protocol):
     Fields: ``teacher`` (teacher checkpoint path; required), ``temperature``, ``mix`` (cutmix | mixup | none),
     ``augment`` (``auto``: rrc_flip for images of 64 px and more, else crop_flip), ``labels`` (online | stored),
     ``soft_labels`` (root directory of the stores for ``stored``, one per set and seed, kept; default: temporary
-    stores, deleted after each run), ``teacher_mode``, ``t2_scale``, ``ce_weight``.
+    stores, deleted after each run), ``soft_label_topk`` (stored labels keep only the top-k logits per view),
+    ``teacher_mode``, ``t2_scale``, ``ce_weight``.
     """
 
     name: ClassVar[str] = "kd"
@@ -113,6 +123,7 @@ class KDProtocol(Protocol):
     augment: str = "auto"
     labels: str = "online"
     soft_labels: str | None = None
+    soft_label_topk: int | None = None
     teacher_mode: str = "eval"
     t2_scale: bool = False
     ce_weight: float = 0.0
@@ -130,6 +141,9 @@ class KDProtocol(Protocol):
 
     def targets(self, ds: DistilledSet):
         return ds.labels
+
+    def without_augmentation(self) -> Protocol:
+        return replace(self, augment="none", mix="none")
 
     def resolved_augment(self, spec: DataSpec) -> str:
         if self.augment != "auto":
@@ -155,7 +169,7 @@ class KDProtocol(Protocol):
                            temperature=self.temperature, t2_scale=self.t2_scale, ce_weight=self.ce_weight,
                            mix=self.mix, augment=self.resolved_augment(spec), lr=self.lr,
                            weight_decay=self.weight_decay, labels=self.labels, soft_labels=store,
-                           keep_soft_labels=keep)
+                           keep_soft_labels=keep, soft_label_topk=self.soft_label_topk)
         module.attach_train_set(ds.images, ds.labels, batch_size=min(self.batch_size, len(ds)))
         return module
 

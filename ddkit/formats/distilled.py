@@ -2,12 +2,17 @@
 
 Directory layout::
 
-    images.safetensors   images: float32 [N, C, H, W] in the training input space (normalized or ZCA-whitened)
+    images.safetensors   images: [N, C, H, W], float32 in the training input space (normalized or ZCA-whitened),
+                         or float16, or uint8 pixels (``image_storage`` in meta.json; see ddkit/formats/images.py)
     labels.safetensors   labels: int64 [N]; optional label_logits: float32 [N, K]; optional step_size: float32 []
     zca.safetensors      optional: the ZCA transform the images live in
     meta.json            format, version, data_spec, ipc, method, config, teacher, sha256 of each tensor file
     images/              optional SRe2L-compatible ImageFolder: new{c:03d}/class{c:03d}_id{i:03d}.png
     grid.png             a picture of the set, one row per class (``ddkit show`` redraws it)
+
+Sets written before ``image_storage`` existed are float32. ``load_distilled(..., lazy=True)`` reads images per
+sample from disk instead of loading them; ``load_distilled(folder, folder_spec=...)`` reads a bare image folder (recover's
+SRe2L export, or SRe2L's released images) as a set, lazily.
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ from ddkit.formats.common import (
     sha256_file,
     write_json,
 )
+from ddkit.formats.images import (
+    FolderImages,
+    LazyImages,
+    check_storage,
+    decode_images,
+    encode_images,
+    is_lazy,
+    storage_of,
+    write_images_streaming,
+)
 
 FORMAT = "ddkit.distilled"
 VERSION = 1
@@ -44,7 +59,8 @@ class DistilledSet:
     """A distilled dataset in memory.
 
     Args:
-        images: float32 [N, C, H, W], in the training input space described by ``spec``.
+        images: float32 [N, C, H, W], in the training input space described by ``spec``; or a lazy reader with the
+            same shape (:class:`ddkit.formats.images.LazyImages` / ``FolderImages``) that decodes on indexing.
         labels: int64 [N] hard labels.
         spec: the real dataset's shape and preprocessing.
         ipc: images per class.
@@ -83,7 +99,8 @@ class DistilledSet:
         s = self.spec
         if self.ipc <= 0:
             raise DDKitError(f"{where}.ipc: must be > 0, got {self.ipc!r}")
-        if self.images.dtype != torch.float32:
+        lazy = is_lazy(self.images)
+        if not lazy and self.images.dtype != torch.float32:
             raise DDKitError(f"{where}.images: dtype must be float32, got {self.images.dtype}")
         want = (s.in_chans, s.image_size, s.image_size)
         if self.images.dim() != 4 or tuple(self.images.shape[1:]) != want:
@@ -97,7 +114,11 @@ class DistilledSet:
         counts = torch.bincount(self.labels, minlength=s.num_classes)
         if bool((counts != self.ipc).any()):
             raise DDKitError(f"{where}.labels: every class must have ipc={self.ipc} images, got counts {counts.tolist()}")
-        check_finite(self.images, f"{where}.images")
+        if not lazy:
+            check_finite(self.images, f"{where}.images")
+        elif self.images.storage != "uint8":  # decoded pixels are finite; float storage is scanned chunk by chunk
+            for chunk in self.images.chunks(1024):
+                check_finite(chunk, f"{where}.images")
         if self.label_logits is not None:
             if tuple(self.label_logits.shape) != (n, s.num_classes):
                 raise DDKitError(f"{where}.label_logits: shape must be [{n}, {s.num_classes}], "
@@ -111,13 +132,16 @@ class DistilledSet:
                 raise DDKitError(f"{where}.zca: missing tensors {sorted(missing)}, got {sorted(self.zca)}")
 
 
-def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None = None) -> Path:
+def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None = None,
+                   image_storage: str = "float32") -> Path:
     """Validate ``ds`` and write it to the directory ``path`` atomically (temp dir, then rename), with its
     ``grid.png``.
 
     Args:
         export: also write the SRe2L-compatible image folder, as ``png`` or ``jpg`` (None: no image files).
+        image_storage: ``float32`` (exact), ``float16`` or ``uint8`` pixels (see ddkit/formats/images.py).
     """
+    check_storage(image_storage)
     ds.validate()
     if export not in (None, "png", "jpg"):
         raise DDKitError(f"export: must be png, jpg or null, got {export!r}")
@@ -126,7 +150,10 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
 
     grid = grid_png(ds)  # drawn before the directory swap starts: a kill then seldom leaves a temporary directory
     with atomic_dir(path, field="distilled", fmt=FORMAT) as tmp:
-        save_tensors(tmp / "images.safetensors", {"images": ds.images.float()})
+        if is_lazy(ds.images):  # written chunk by chunk: the set is never in memory
+            write_images_streaming(tmp / "images.safetensors", ds.images, image_storage, ds.spec)
+        else:
+            save_tensors(tmp / "images.safetensors", {"images": encode_images(ds.images, image_storage, ds.spec)})
         labels = {"labels": ds.labels.long()}
         if ds.label_logits is not None:
             labels["label_logits"] = ds.label_logits.float()
@@ -146,6 +173,7 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
             "num_images": len(ds),
             "ipc": ds.ipc,
             "image_shape": list(ds.images.shape[1:]),
+            "image_storage": image_storage,
             "method": ds.method,
             "has_label_logits": ds.label_logits is not None,
             "step_size": ds.step_size,
@@ -159,16 +187,27 @@ def save_distilled(ds: DistilledSet, path: str | os.PathLike, export: str | None
     return path
 
 
-def load_distilled(path: str | os.PathLike, verify_checksums: bool = True) -> DistilledSet:
+def load_distilled(path: str | os.PathLike, verify_checksums: bool = True, lazy: bool = False,
+                   folder_spec: DataSpec | None = None) -> DistilledSet:
     """Read and validate a DistilledSet directory; any problem is one clear DDKitError.
 
     A set replaced by another process while it is read (:func:`save_distilled` swaps directories) is read again,
     so the result is the old set or the new one, whole.
+
+    Args:
+        verify_checksums: compare every tensor file with its sha256 in meta.json (reads each file once).
+        lazy: keep the images on disk and read them per sample (:class:`ddkit.formats.images.LazyImages`).
+        folder_spec: the dataset's spec; with it, a directory without meta.json that holds one image sub-folder per
+            class is read as a set too (:func:`load_image_folder`).
     """
-    return read_consistently(path, lambda p: _read_distilled(p, verify_checksums), "distilled")
+    path = Path(path)
+    if folder_spec is not None and path.is_dir() and not (path / "meta.json").exists() \
+            and any(p.is_dir() for p in path.iterdir()):
+        return load_image_folder(path, folder_spec)
+    return read_consistently(path, lambda p: _read_distilled(p, verify_checksums, lazy), "distilled")
 
 
-def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
+def _read_distilled(path: Path, verify_checksums: bool, lazy: bool) -> DistilledSet:
     if not path.is_dir():
         raise DDKitError(f"distilled: directory not found, got {str(path)!r}")
     meta = read_json(path / "meta.json", "distilled.meta")
@@ -197,10 +236,22 @@ def _read_distilled(path: Path, verify_checksums: bool) -> DistilledSet:
             raise DDKitError(f"distilled.{name}: file not found, got {str(path / name)!r}")
         if verify_checksums and sha256_file(path / name) != digest:
             raise DDKitError(f"distilled.{name}: sha256 checksum mismatch (file changed or corrupt), got {str(path / name)!r}")
-    images = load_tensors(path / "images.safetensors", "distilled.images")
+    storage = meta.get("image_storage", "float32")
+    check_storage(storage)
+    if lazy:
+        images = {"images": LazyImages(path / "images.safetensors", "images", spec)}
+        found = images["images"].storage
+    else:
+        images = load_tensors(path / "images.safetensors", "distilled.images")
+        found = storage_of(images["images"]) if "images" in images else storage
     labels = load_tensors(path / "labels.safetensors", "distilled.labels")
     if "images" not in images or "labels" not in labels:
         raise DDKitError(f"distilled: tensor files lack 'images'/'labels', got {sorted(images)} and {sorted(labels)}")
+    if found != storage:
+        raise DDKitError(f"distilled.images: meta.json says image_storage {storage}, the file holds {found}, "
+                         f"got {str(path / 'images.safetensors')!r}")
+    if not lazy:
+        images["images"] = decode_images(images["images"], spec)
     zca = load_tensors(path / "zca.safetensors", "distilled.zca") if meta.get("zca") else None
     step = labels.get("step_size")
     ds = DistilledSet(
@@ -240,6 +291,18 @@ def _check_files(files: Any, with_zca: bool) -> dict[str, str]:
     return files
 
 
+def load_image_folder(path: str | os.PathLike, spec: DataSpec) -> DistilledSet:
+    """An image folder (one sub-folder per class, sorted names = class order, e.g. recover's SRe2L export) as a
+    DistilledSet whose images are read lazily; every class must hold the same number of images (the IPC)."""
+    images = FolderImages(path, spec)
+    counts = torch.bincount(images.labels, minlength=spec.num_classes)
+    ipc = int(counts[0]) if len(counts) else 0
+    ds = DistilledSet(images=images, labels=images.labels, spec=spec, ipc=ipc, method="image_folder",
+                      extra={"source": str(Path(path).resolve())})
+    ds.validate(where=f"distilled[{Path(path).name}]")
+    return ds
+
+
 def to_pixels(images: torch.Tensor, spec: DataSpec, zca: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Map training-space images back to [0, 1] pixels (undo ZCA or mean/std normalization), clamped."""
     x = images.detach().float().cpu()
@@ -261,7 +324,7 @@ def export_image_folder(ds: DistilledSet, root: Path, ext: str = "png", rounding
     """
     from PIL import Image
 
-    pixels = to_pixels(ds.images, ds.spec, ds.zca) * 255
+    pixels = to_pixels(ds.images.load() if is_lazy(ds.images) else ds.images, ds.spec, ds.zca) * 255
     pixels = pixels.floor() if rounding == "truncate" else pixels.round()
     pixels = pixels.to(torch.uint8)
     seen: dict[int, int] = {}

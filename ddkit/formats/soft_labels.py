@@ -14,6 +14,16 @@ Directory layout::
         mix_lam   float64 [n_b]    per batch: lambda (weight of the original image)
         mix_box   int32   [n_b, 4] per batch: cutmix box (y0, y1, x0, x1); zeros for mixup / none
         logits    float16 [N, K]   per position: the teacher's logits on the mixed view
+    or, in a top-k store (``topk`` = k in meta.json; FKD's trick of keeping the k largest logits per view):
+        logits       float16 [N, k]  per position: the k largest logits, in decreasing order
+        logit_index  int16   [N, k]  their classes
+        logit_rest   float32 [N]     the value that, put in each of the other K - k classes, gives them together the
+                                     softmax mass at temperature ``topk_temperature`` that they have in the full logits:
+                                     ``T * (logsumexp(rest / T) - log(K - k))``
+
+A top-k view's target ``softmax(dense / T)``, with ``dense`` the k logits in their classes and ``logit_rest``
+everywhere else, has exactly the full target's probabilities on the k classes and its total on the others, spread
+evenly over them (FKD's marginal smoothing); the KD loss on it is the ordinary one (:func:`dense_logits`).
 
 One shard per epoch (not SRe2L's one file per batch) keeps the file count low; a batch is a slice of it, read
 lazily through safetensors' memory map. Shards are written atomically, so a crashed relabel pass resumes by
@@ -23,6 +33,7 @@ skipping the shards that exist; ``meta.json`` says ``complete: true`` only once 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -41,10 +52,13 @@ VERSION = 1
 SHARD_KEYS = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logits")
 SHARD_DTYPES = {"order": torch.int64, "boxes": torch.int32, "flips": torch.uint8, "mix_perm": torch.int64,
                 "mix_lam": torch.float64, "mix_box": torch.int32, "logits": torch.float16}
+TOPK_DTYPES = {"logit_index": torch.int16, "logit_rest": torch.float32}
 # Plan fields that must agree between a store and the run that replays it (epochs and teacher are checked apart).
 MAX_EPOCHS = 1_000_000  # one shard file per epoch: far more than any relabel run
 PLAN_FIELDS = ("num_images", "num_classes", "image_shape", "images_sha256", "batch_size", "seed", "augment",
                "view_size", "crop_scale", "padding", "mix", "mix_alpha")
+# Plan fields of top-k stores; absent (None) in full-logit stores, including those written before top-k existed.
+TOPK_FIELDS = ("topk", "topk_temperature")
 
 
 def shard_name(epoch: int) -> str:
@@ -52,15 +66,54 @@ def shard_name(epoch: int) -> str:
 
 
 def images_fingerprint(images: torch.Tensor) -> str:
-    """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to)."""
-    t = images.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy() if t.numel() else b""))
+    """sha256 of an image tensor's shape, dtype and raw bytes (which images a store belongs to). A lazy reader
+    (:mod:`ddkit.formats.images`) is hashed chunk by chunk, to the digest of the same images in memory."""
+    from ddkit.formats.images import is_lazy
+
+    h = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    for t in (images.chunks(1024) if is_lazy(images) else [images.detach().cpu().contiguous()]):
+        h.update(memoryview(t.contiguous().view(torch.uint8).numpy() if t.numel() else b""))
     return h.hexdigest()
 
 
 def num_batches(num_images: int, batch_size: int) -> int:
     return -(-num_images // batch_size)
+
+
+def check_topk(topk: int | None, num_classes: int, field: str = "soft_label_topk") -> None:
+    """``topk`` must be None or an integer in [1, K]; top-k stores hold classes as int16, so K <= 32768."""
+    if topk is None:
+        return
+    if num_classes > 32768:
+        raise DDKitError(f"{field}: top-k stores hold classes as int16 (at most 32768 classes), got {topk!r} for "
+                         f"{num_classes} classes")
+    if not (isinstance(topk, int) and 1 <= topk <= num_classes):
+        raise DDKitError(f"{field}: must be an integer in [1, {num_classes}] (the number of classes), got {topk!r}")
+
+
+def topk_logits(logits: torch.Tensor, k: int, temperature: float) -> dict[str, torch.Tensor]:
+    """The top-k form of ``[n, K]`` logits (see the module docstring): ``logits`` float16 ``[n, k]``,
+    ``logit_index`` int16 ``[n, k]``, ``logit_rest`` float32 ``[n]``.
+
+    The k values are rounded to float16 first (as a full store holds them) and ``logit_rest`` is computed in float64
+    from the full logits, so the rest's mass at ``temperature`` matches the full fp16 store's to float32 precision.
+    """
+    x = logits.detach().float().cpu().to(torch.float16).double()
+    values, index = x.topk(k, dim=1)
+    n, classes = x.shape
+    if k < classes:
+        rest = x.scatter(1, index, float("-inf"))
+        level = temperature * (torch.logsumexp(rest / temperature, dim=1) - math.log(classes - k))
+    else:
+        level = torch.zeros(n, dtype=torch.float64)
+    return {"logits": values.to(torch.float16), "logit_index": index.to(torch.int16),
+            "logit_rest": level.to(torch.float32)}
+
+
+def dense_logits(values: torch.Tensor, index: torch.Tensor, rest: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[n, K]`` float32 logits: ``rest`` everywhere, the top-k ``values`` in their classes ``index``."""
+    out = rest.float().view(-1, 1).expand(values.shape[0], num_classes).clone()
+    return out.scatter(1, index.long(), values.float())
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -129,6 +182,11 @@ def check_soft_labels(path: str | os.PathLike, plan: dict[str, Any], epochs: int
         if not _same(meta[key], want):
             raise DDKitError(f"soft_labels.{key}: the stored labels were made with {key}={meta[key]!r}, this run has "
                              f"{key}={want!r} (use another soft_labels directory or match it), got {str(path)!r}")
+    for key in TOPK_FIELDS:
+        if not _same(meta.get(key), plan.get(key)):
+            raise DDKitError(f"soft_labels.{key}: the stored labels were made with {key}={meta.get(key)!r}, this run "
+                             f"has {key}={plan.get(key)!r} (use another soft_labels directory or match it), "
+                             f"got {str(path)!r}")
     if meta["epochs"] < epochs:
         raise DDKitError(f"soft_labels.epochs: the stored labels hold {meta['epochs']} epochs, fewer than the "
                          f"{epochs} requested, got {str(path)!r}")
@@ -164,10 +222,12 @@ def shard_exists(path: str | os.PathLike, epoch: int) -> bool:
 
 def save_shard(path: str | os.PathLike, epoch: int, tensors: dict[str, torch.Tensor]) -> Path:
     """Check one epoch's tensors (names, dtypes, shapes) and write them atomically."""
-    missing = [k for k in SHARD_KEYS if k not in tensors]
+    topk = "logit_index" in tensors
+    dtypes = {**SHARD_DTYPES, **(TOPK_DTYPES if topk else {})}
+    missing = [k for k in dtypes if k not in tensors]
     if missing:
         raise DDKitError(f"soft_labels.shard: missing tensors {missing}, got {sorted(tensors)}")
-    t = {k: tensors[k].detach().cpu().to(SHARD_DTYPES[k]).contiguous() for k in SHARD_KEYS}
+    t = {k: tensors[k].detach().cpu().to(dtype).contiguous() for k, dtype in dtypes.items()}
     n = t["order"].shape[0]
     nb = t["mix_lam"].shape[0]
     shapes = {"boxes": (n, 4), "flips": (n,), "mix_perm": (n,), "mix_box": (nb, 4)}
@@ -176,6 +236,9 @@ def save_shard(path: str | os.PathLike, epoch: int, tensors: dict[str, torch.Ten
             raise DDKitError(f"soft_labels.shard.{k}: shape must be {list(shape)}, got {list(t[k].shape)}")
     if t["logits"].dim() != 2 or t["logits"].shape[0] != n:
         raise DDKitError(f"soft_labels.shard.logits: shape must be [{n}, K], got {list(t['logits'].shape)}")
+    if topk and (t["logit_index"].shape != t["logits"].shape or tuple(t["logit_rest"].shape) != (n,)):
+        raise DDKitError(f"soft_labels.shard: logit_index must be shaped like logits {list(t['logits'].shape)} and "
+                         f"logit_rest [{n}], got {list(t['logit_index'].shape)} and {list(t['logit_rest'].shape)}")
     if not bool(torch.isfinite(t["logits"]).all()):
         raise DDKitError(f"soft_labels.shard.logits: contains non-finite values (fp16 overflow?), got epoch {epoch}")
     target = Path(path) / shard_name(epoch)
@@ -203,12 +266,25 @@ def finish_soft_labels(path: str | os.PathLike, images_bytes: dict[str, int] | N
     total = sum(shard_bytes)
     sizes: dict[str, Any] = {"labels": total, "per_epoch": shard_bytes[0] if shard_bytes else 0,
                              "shards": shard_bytes}
+    if meta.get("topk"):
+        sizes.update(logit_bytes(meta["num_images"], meta["num_classes"], meta["topk"], meta["epochs"]))
     for key, value in (images_bytes or {}).items():
         sizes[f"images_{key}"] = int(value)
         sizes[f"labels_over_images_{key}"] = total / value if value else None
     meta.update(complete=True, bytes=sizes, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(_meta_path(path), meta)
     return meta
+
+
+def logit_bytes(num_images: int, num_classes: int, topk: int | None, epochs: int) -> dict[str, int]:
+    """Bytes of the teacher outputs of a store: ``logits_full`` (fp16 [N, K] per epoch) and, with ``topk``,
+    ``logits_topk`` (k fp16 values + k int16 classes + one float32 rest per view) and ``logits_saved``."""
+    full = epochs * num_images * num_classes * 2
+    out = {"logits_full": full}
+    if topk:
+        out["logits_topk"] = epochs * num_images * (topk * 4 + 4)
+        out["logits_saved"] = full - out["logits_topk"]
+    return out
 
 
 def remove_soft_labels(path: str | os.PathLike) -> None:
@@ -234,6 +310,7 @@ class SoftLabelReader:
         self.path = Path(path)
         self.meta = read_soft_label_meta(self.path)
         self.batch_size = int(self.meta["batch_size"])
+        self.topk = self.meta.get("topk")
         self.num_images = int(self.meta["num_images"])
         self._epoch: int | None = None
         self._handle = None
@@ -253,7 +330,8 @@ class SoftLabelReader:
             except Exception as e:  # noqa: BLE001  (safetensors raises several types for corrupt files)
                 raise DDKitError(f"soft_labels: not a valid safetensors file ({str(e).splitlines()[0]}), "
                                  f"got {str(file)!r}") from None
-            missing = [k for k in SHARD_KEYS if k not in self._handle.keys()]  # noqa: SIM118 (not a dict)
+            wanted = [*SHARD_KEYS, *(TOPK_DTYPES if self.topk else ())]
+            missing = [k for k in wanted if k not in self._handle.keys()]  # noqa: SIM118 (not a dict)
             if missing:
                 raise DDKitError(f"soft_labels: shard lacks tensors {missing}, got {str(file)!r}")
             self._epoch = epoch
@@ -261,7 +339,8 @@ class SoftLabelReader:
 
     def batch(self, epoch: int, b: int) -> dict[str, torch.Tensor]:
         """Batch ``b`` of ``epoch``: ``index``, ``boxes``, ``flips``, ``mix_perm`` (length n), ``mix_lam`` (scalar,
-        float64), ``mix_box`` [4] and ``logits`` [n, K] (float16)."""
+        float64), ``mix_box`` [4] and ``logits`` [n, K] (float16; float32 from a top-k store, see
+        :func:`dense_logits`)."""
         f = self._open(epoch)
         nb = num_batches(self.num_images, self.batch_size)
         if not 0 <= b < nb:
@@ -274,7 +353,9 @@ class SoftLabelReader:
             "mix_perm": f.get_slice("mix_perm")[lo:hi],
             "mix_lam": f.get_slice("mix_lam")[b:b + 1][0],
             "mix_box": f.get_slice("mix_box")[b:b + 1][0],
-            "logits": f.get_slice("logits")[lo:hi],
+            "logits": f.get_slice("logits")[lo:hi] if not self.topk else dense_logits(
+                f.get_slice("logits")[lo:hi], f.get_slice("logit_index")[lo:hi], f.get_slice("logit_rest")[lo:hi],
+                int(self.meta["num_classes"])),
         }
 
 
@@ -299,11 +380,12 @@ def validate_soft_labels(path: str | os.PathLike, deep: bool = False) -> dict[st
         from ddkit.formats.common import load_tensors
 
         t = load_tensors(file, f"soft_labels[{e}]")
-        for key, dtype in SHARD_DTYPES.items():
+        for key, dtype in {**SHARD_DTYPES, **(TOPK_DTYPES if meta.get("topk") else {})}.items():
             if key not in t or t[key].dtype != dtype:
                 raise DDKitError(f"soft_labels[{e}].{key}: must be {dtype}, got {t[key].dtype if key in t else None}")
-        if tuple(t["logits"].shape) != (n, k) or tuple(t["mix_lam"].shape) != (nb,):
-            raise DDKitError(f"soft_labels[{e}]: logits must be [{n}, {k}] and mix_lam [{nb}], got "
+        width = meta.get("topk") or k
+        if tuple(t["logits"].shape) != (n, width) or tuple(t["mix_lam"].shape) != (nb,):
+            raise DDKitError(f"soft_labels[{e}]: logits must be [{n}, {width}] and mix_lam [{nb}], got "
                              f"{list(t['logits'].shape)} and {list(t['mix_lam'].shape)}")
         if not torch.equal(torch.sort(t["order"]).values, torch.arange(n)):
             raise DDKitError(f"soft_labels[{e}].order: must be a permutation of 0..{n - 1}, got another tensor")

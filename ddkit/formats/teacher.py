@@ -113,3 +113,76 @@ def load_teacher(path: str | os.PathLike) -> tuple[nn.Module, TeacherMeta]:
 def teacher_reference(path: str | os.PathLike) -> dict[str, str]:
     """How an artifact records the teacher it came from."""
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+IMPORTABLE_NETS = ("resnet18", "resnet50")
+_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "net")
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, Any]:
+    """The tensors of a checkpoint: a plain state dict, or one under ``state_dict`` / ``model`` / ... (timm's and
+    SRe2L's training checkpoints), with a ``module.`` prefix (DataParallel / DDP) removed."""
+    if isinstance(obj, dict) and not all(hasattr(v, "shape") for v in obj.values()):
+        inner = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise DDKitError(f"checkpoint: no state dict in it (looked for a dict of tensors, or one under "
+                             f"{', '.join(_STATE_DICT_KEYS)}), got keys {sorted(map(str, obj))[:8]} in {str(path)!r}")
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise DDKitError(f"checkpoint: not a state dict, got {type(obj).__name__} in {str(path)!r}")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def import_resnet_checkpoint(checkpoint: str | os.PathLike, net: str, data_spec: DataSpec,
+                             output: str | os.PathLike) -> TeacherMeta:
+    """Turn a torchvision or timm ResNet-18 / ResNet-50 checkpoint file into a ddkit teacher file.
+
+    ddkit's ``resnet18`` / ``resnet50`` are torchvision's ResNets with torchvision's parameter names, which timm's
+    ResNets share, so the weights load as they are. The stem follows ``conv1``: a 7x7 kernel is torchvision's
+    ImageNet stem (conv + max-pool), a 3x3 kernel the CIFAR stem of SRe2L's small-image teachers.
+
+    Args:
+        checkpoint: a file ``torch.load(weights_only=True)`` can read: a state dict, or a dict holding one under
+            ``state_dict``, ``model``, ``state_dict_ema`` or ``net``; keys may carry a ``module.`` prefix.
+        net: ``resnet18`` or ``resnet50``.
+        data_spec: the dataset the teacher was trained on (classes, image size, normalization); its class count
+            must be the checkpoint's.
+        output: the teacher file to write (atomically).
+
+    Returns:
+        The teacher's meta (``extra.imported_from`` names the source file and its sha256).
+    """
+    from ddkit.formats.common import load_weights_only
+
+    path = Path(checkpoint)
+    if net not in IMPORTABLE_NETS:
+        raise DDKitError(f"net: must be one of {', '.join(IMPORTABLE_NETS)}, got {net!r}")
+    if not path.is_file():
+        raise DDKitError(f"checkpoint: file not found, got {str(path)!r}")
+    state = _state_dict_of(load_weights_only(path, "checkpoint"), path)
+    for key in ("conv1.weight", "fc.weight"):
+        if key not in state:
+            raise DDKitError(f"checkpoint: no {key!r} (not a torchvision/timm ResNet state dict), "
+                             f"got keys {sorted(state)[:6]} in {str(path)!r}")
+    classes = int(state["fc.weight"].shape[0])
+    if classes != data_spec.num_classes:
+        raise DDKitError(f"checkpoint: its head has {classes} classes but dataset {data_spec.dataset!r} has "
+                         f"{data_spec.num_classes}, got {str(path)!r}")
+    kernel = int(state["conv1.weight"].shape[-1])
+    if kernel not in (3, 7):
+        raise DDKitError(f"checkpoint: conv1 must be 7x7 (ImageNet stem) or 3x3 (CIFAR stem), got {kernel}x{kernel}")
+    kwargs = {"stem": "imagenet" if kernel == 7 else "cifar"}
+    model = build_net(net, data_spec.num_classes, data_spec.in_chans, data_spec.image_size, **kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DDKitError(f"checkpoint: weights do not fit net {net!r} ({str(e).splitlines()[0].strip()}), "
+                         f"got {str(path)!r}") from None
+    for name, t in model.state_dict().items():
+        check_finite(t, f"checkpoint[{name}]")
+    meta = TeacherMeta(net, kwargs, data_spec, extra={"imported_from": {"path": str(path.resolve()),
+                                                                       "sha256": sha256_file(path)}})
+    save_teacher(output, model.eval(), meta)
+    return meta

@@ -45,10 +45,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ddkit.datamodules.spec import DataSpec, as_spec
 from ddkit.errors import DDKitError
+from ddkit.formats.images import is_lazy
 from ddkit.formats.soft_labels import (
     SoftLabelReader,
     begin_soft_labels,
     check_soft_labels,
+    check_topk,
     finish_soft_labels,
     images_fingerprint,
     num_batches,
@@ -56,6 +58,7 @@ from ddkit.formats.soft_labels import (
     remove_soft_labels,
     save_shard,
     shard_exists,
+    topk_logits,
 )
 from ddkit.modules.common import RealDataEvaluation, build_optimizer, decay_split, epoch_scheduler
 from ddkit.nets import build_net
@@ -213,7 +216,8 @@ class KDViewDataset(Dataset):
     batch come from a generator seeded by ``(seed, epoch, b)`` (online), or from the store (stored).
 
     Args:
-        images: ``[N, C, H, W]`` float32 (CPU).
+        images: ``[N, C, H, W]`` float32 (CPU), or a lazy reader (:mod:`ddkit.formats.images`): a batch then reads
+            only its own images.
         labels: ``[N]`` int64 hard labels.
         plan: how views are drawn and rendered.
         batch_size: images per batch (the last batch may be smaller).
@@ -225,7 +229,7 @@ class KDViewDataset(Dataset):
                  soft_labels: str | None = None) -> None:
         if batch_size <= 0:
             raise DDKitError(f"batch_size: must be > 0, got {batch_size!r}")
-        self.images = images.detach().cpu().float().contiguous()
+        self.images = images if is_lazy(images) else images.detach().cpu().float().contiguous()
         self.labels = labels.detach().cpu().long()
         self.plan = plan
         self.batch_size = batch_size
@@ -304,7 +308,7 @@ class _WithConfig(Dataset):
 @torch.no_grad()
 def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path, epochs: Iterable[int],
                    device: torch.device | str = "cpu", context=contextlib.nullcontext, on_epoch=None,
-                   num_workers: int = 0) -> list[int]:
+                   num_workers: int = 0, topk: int | None = None, temperature: float = 1.0) -> list[int]:
     """The relabel pass [1]: for each epoch (skipping shards that exist), draw every batch's config, render its
     mixed views, run the teacher and write the shard (configs + fp16 logits) atomically.
 
@@ -317,6 +321,8 @@ def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path,
         context: a context-manager factory around the teacher forward (e.g. the Trainer's autocast).
         on_epoch: called with the epoch after each written shard.
         num_workers: DataLoader workers rendering the views (the order of the batches is kept).
+        topk: keep only the k largest logits per view (:func:`ddkit.formats.soft_labels.topk_logits`).
+        temperature: the KD temperature the top-k rest value is computed for.
 
     Returns:
         The epochs written.
@@ -327,13 +333,18 @@ def relabel_epochs(teacher: nn.Module, dataset: KDViewDataset, path: str | Path,
     nb = len(dataset)
     keys = [(e, b) for e in todo for b in range(nb)]
     loader = DataLoader(_WithConfig(dataset), sampler=keys, batch_size=None, num_workers=num_workers)
-    names = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logits")
+    names = ("order", "boxes", "flips", "mix_perm", "mix_lam", "mix_box", "logits",
+             *(("logit_index", "logit_rest") if topk else ()))
     parts: dict[str, list[Tensor]] = {k: [] for k in names}
     for (epoch, b), item in zip(keys, loader):
         with context():
             logits = teacher(item["x"].to(device))
         parts["order"].append(item["index"])
-        parts["logits"].append(logits.detach().float().cpu().to(torch.float16))
+        if topk:
+            for k, v in topk_logits(logits, topk, temperature).items():
+                parts[k].append(v)
+        else:
+            parts["logits"].append(logits.detach().float().cpu().to(torch.float16))
         for k in ("boxes", "flips", "mix_perm"):
             parts[k].append(item[k])
         parts["mix_lam"].append(item["mix_lam"].view(1))
@@ -386,6 +397,9 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
         soft_labels: the store directory for ``labels: stored`` (default: ``<distilled>_soft_labels`` beside the
             datamodule's distilled set). Reused when it matches, written when absent, resumed when unfinished.
         keep_soft_labels: keep the store after fit (False: delete it at the end, e.g. for a temporary one).
+        soft_label_topk: store only the k largest teacher logits per view (FKD's top-k, with the other classes'
+            total probability at ``temperature`` kept and spread evenly over them); None stores all K. The store's
+            meta.json records k and the bytes it saves.
         seed: seed of the batch order, views and mixes (default: the run's global seed, from ``seed_everything``).
     """
 
@@ -412,6 +426,7 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
         labels: str = "online",
         soft_labels: str | None = None,
         keep_soft_labels: bool = True,
+        soft_label_topk: int | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -422,6 +437,7 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
         if labels == "online" and teacher is None:
             raise DDKitError("teacher: required for labels=online (path of a teacher checkpoint), got None")
         self.spec = data_spec = as_spec(data_spec)
+        check_topk(soft_label_topk, data_spec.num_classes)
         self.save_hyperparameters(ignore=["data_spec"])
         self.hparams["data_spec"] = data_spec.to_dict()  # plain types: checkpoints load with weights_only=True
         self.hparams["crop_scale"] = tuple(float(v) for v in crop_scale)
@@ -476,7 +492,11 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
                 "image_shape": list(t["images"].shape[1:]), "images_sha256": images_fingerprint(t["images"]),
                 "batch_size": t["batch_size"], "seed": self.hparams.seed, "augment": plan.augment,
                 "view_size": plan.view_size, "crop_scale": list(plan.crop_scale), "padding": plan.padding,
-                "mix": plan.mix, "mix_alpha": plan.alpha()}
+                "mix": plan.mix, "mix_alpha": plan.alpha(), **self._topk_plan()}
+
+    def _topk_plan(self) -> dict[str, Any]:
+        k = self.hparams.get("soft_label_topk")
+        return {"topk": k, "topk_temperature": float(self.hparams.temperature) if k else None}
 
     def setup(self, stage: str) -> None:
         if stage != "fit":
@@ -543,7 +563,8 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
 
             relabel_epochs(self.teacher, dataset, path, range(rank, epochs, world), device=self.device,
                            context=self.trainer.precision_plugin.forward_context, on_epoch=progress,
-                           num_workers=self._train["num_workers"])
+                           num_workers=self._train["num_workers"], topk=self._topk_plan()["topk"],
+                           temperature=self.hparams.temperature)
             strategy.barrier("kd_relabel_written")
             if rank == 0:
                 finish_soft_labels(path, self._image_bytes())
@@ -566,10 +587,12 @@ class KDStudent(RealDataEvaluation, L.LightningModule):
             return
         images = self._image_bytes()
         ratio32, ratio8 = b["labels"] / images["float32"], b["labels"] / images["uint8"]
+        topk = (f"; top-{meta['topk']} logits save {format_bytes(b['logits_saved'])} of "
+                f"{format_bytes(b['logits_full'])}" if meta.get("topk") and "logits_saved" in b else "")
         self.print(f"soft labels: {format_bytes(b['labels'])} for {meta['epochs']} epochs "
                    f"({format_bytes(b['per_epoch'])} per epoch) = {ratio32:.2f}x the images as float32 "
                    f"({format_bytes(images['float32'])}), {ratio8:.2f}x as uint8 pixels "
-                   f"({format_bytes(images['uint8'])})")
+                   f"({format_bytes(images['uint8'])}){topk}")
         if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics({"soft_labels/bytes": float(b["labels"]),
                                      "soft_labels/bytes_per_epoch": float(b["per_epoch"]),

@@ -102,6 +102,8 @@ class Recover(L.LightningModule):
         output: directory of the DistilledSet; the per-job shards live in ``.<name>.work`` beside it until the end.
         export: also write the SRe2L image folder as ``png`` (default) or ``jpg`` (the reference's lossy format);
             ``None`` writes none. Pixels are truncated to 8 bits as in the reference.
+        image_storage: how ``images.safetensors`` holds the images: ``float32`` (exact), ``float16`` or ``uint8``
+            pixels (rounded; a quarter of the bytes, what the image folder holds). See ddkit/formats/images.py.
         log_images_every_n_steps: log a grid of the current job's images to TensorBoard this often (0: never).
         max_nonfinite: a step whose loss is NaN or inf is skipped (images and Adam state unchanged) and counted
             (``recover/nonfinite``); after this many such steps in a row the run stops with one line, keeping the
@@ -114,7 +116,8 @@ class Recover(L.LightningModule):
     """
 
     # Options a resumed run may change: where and how it writes, not the images it computes.
-    resume_may_change = ("teacher", "output", "export", "method", "log_images_every_n_steps", "max_nonfinite")
+    resume_may_change = ("teacher", "output", "export", "image_storage", "method", "log_images_every_n_steps",
+                         "max_nonfinite")
 
     def __init__(
         self,
@@ -140,6 +143,7 @@ class Recover(L.LightningModule):
         method: str = "sre2l",
         output: str = "outputs/recover",
         export: str | None = "png",
+        image_storage: str = "float32",
         log_images_every_n_steps: int = 200,
         max_nonfinite: int = 5,
         overwrite: bool = False,
@@ -152,6 +156,9 @@ class Recover(L.LightningModule):
                        export=export, log_images_every_n_steps=log_images_every_n_steps, max_nonfinite=max_nonfinite)
         if spec.zca:
             raise DDKitError("data_spec.zca: recovery works in the mean/std-normalized space, got True")
+        from ddkit.formats.images import check_storage
+
+        check_storage(image_storage)
         if teacher is None:
             raise DDKitError("teacher: required (path of a teacher checkpoint with BatchNorm layers), got None")
         check_writable(output, "output")
@@ -461,7 +468,7 @@ class Recover(L.LightningModule):
                 "pixel_rounding": "truncate",
             },
         )
-        save_distilled(ds, self.hparams.output, export=self.hparams.export)
+        save_distilled(ds, self.hparams.output, export=self.hparams.export, image_storage=self.hparams.image_storage)
         if self._step_options.log_images_every_n_steps > 0:
             from ddkit.callbacks.synthetic import log_image_grid
 

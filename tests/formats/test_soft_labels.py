@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -197,3 +198,55 @@ def test_edited_counts_in_meta_are_one_line_errors(tmp_path, key, value, message
     (path / "meta.json").write_text(json.dumps({**meta, key: value}))
     with pytest.raises(DDKitError, match=message):
         read_soft_label_meta(path)
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+
+def test_topk_target_and_kd_loss_by_hand() -> None:
+    """K = 4, k = 2, T = 2, teacher logits [4, 1, 2, 0]: the top-2 classes 0 and 2 keep their probabilities, classes
+    1 and 3 share their total e^0.5 + e^0 evenly; the KL to a uniform student is computed by hand."""
+    from ddkit.formats.soft_labels import dense_logits, topk_logits
+    from ddkit.modules.kd import kd_loss
+
+    stored = topk_logits(torch.tensor([[4.0, 1.0, 2.0, 0.0]]), 2, temperature=2.0)
+    assert stored["logits"].tolist() == [[4.0, 2.0]] and stored["logit_index"].tolist() == [[0, 2]]
+    rest = 2 * (math.log(math.exp(0.5) + 1) - math.log(2))
+    assert stored["logit_rest"].item() == pytest.approx(rest, abs=1e-6)
+    dense = dense_logits(stored["logits"], stored["logit_index"], stored["logit_rest"], 4)
+    assert dense[0, 0].item() == 4.0 and dense[0, 2].item() == 2.0
+    assert dense[0, 1].item() == dense[0, 3].item() == pytest.approx(rest, abs=1e-6)
+    z = math.exp(2) + math.exp(1) + math.exp(0.5) + 1
+    p = [math.exp(2) / z, (math.exp(0.5) + 1) / 2 / z, math.exp(1) / z, (math.exp(0.5) + 1) / 2 / z]
+    assert torch.softmax(dense / 2, 1)[0].tolist() == pytest.approx(p, abs=1e-6)
+    kl = sum(pi * math.log(pi / 0.25) for pi in p)
+    assert kd_loss(torch.zeros(1, 4), dense, 2.0).item() == pytest.approx(kl, abs=1e-6)
+    full = topk_logits(torch.tensor([[4.0, 1.0, 2.0, 0.0]]), 4, temperature=2.0)  # k = K: nothing left out
+    assert dense_logits(full["logits"], full["logit_index"], full["logit_rest"], 4).tolist() == [[4.0, 1.0, 2.0, 0.0]]
+
+
+def test_topk_store_round_trip_meta_and_bytes(tmp_path) -> None:
+    from ddkit.formats.soft_labels import dense_logits, topk_logits
+
+    path = tmp_path / "store"
+    begin_soft_labels(path, _plan(topk=2, topk_temperature=3.0), 1, None)
+    shard = _shard(0)
+    top = topk_logits(shard["logits"], 2, 3.0)
+    save_shard(path, 0, {**shard, **top})
+    meta = finish_soft_labels(path)
+    assert meta["topk"] == 2 and meta["topk_temperature"] == 3.0
+    b = meta["bytes"]
+    assert b["logits_full"] == N * K * 2 and b["logits_topk"] == N * (2 * 4 + 4)
+    assert b["logits_saved"] == N * K * 2 - N * 12
+    validate_soft_labels(path, deep=True)
+    got = SoftLabelReader(path).batch(0, 1)["logits"]  # positions 2:4, dense float32
+    want = dense_logits(top["logits"][2:4], top["logit_index"][2:4], top["logit_rest"][2:4], K)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(got.gather(1, top["logit_index"][2:4].long()), shard["logits"][2:4].float().topk(2).values)
+    assert check_soft_labels(path, _plan(topk=2, topk_temperature=3.0), 1) == "complete"
+    with pytest.raises(DDKitError, match=r"^soft_labels.topk: the stored labels were made with topk=2, this run has "
+                                         r"topk=None"):
+        check_soft_labels(path, _plan(), 1)
+    with pytest.raises(DDKitError, match=r"^soft_labels.topk_temperature: the stored labels were made with "
+                                         r"topk_temperature=3.0, this run has topk_temperature=4.0"):
+        check_soft_labels(path, _plan(topk=2, topk_temperature=4.0), 1)

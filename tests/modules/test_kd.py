@@ -470,3 +470,19 @@ def test_resume_continues_the_same_run(distilled, teacher, tmp_path) -> None:
     resumed = run(4, 123, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
     for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_topk_stored_labels_keep_k_logits_and_record_the_bytes(distilled, teacher, tmp_path) -> None:
+    full, _ = _fit(distilled, teacher, tmp_path, epochs=1, labels="stored", soft_labels=str(tmp_path / "full"))
+    same, _ = _fit(distilled, teacher, tmp_path, epochs=1, labels="stored", soft_labels=str(tmp_path / "k10"),
+                   soft_label_topk=10)  # k = K: the same targets as full logits
+    a, b = full.callback_metrics["train/loss"].item(), same.callback_metrics["train/loss"].item()
+    assert b == pytest.approx(a, rel=1e-5)
+    _fit(distilled, teacher, tmp_path, epochs=1, labels="stored", soft_labels=str(tmp_path / "k3"), soft_label_topk=3)
+    meta = read_soft_label_meta(tmp_path / "k3")
+    assert meta["topk"] == 3 and meta["topk_temperature"] == 4.0
+    assert meta["bytes"]["logits_saved"] == 100 * 10 * 2 - 100 * (3 * 4 + 4)
+    shard = load_tensors(tmp_path / "k3/epoch_0000.safetensors", "shard")
+    assert shard["logits"].shape == (100, 3) and shard["logit_index"].dtype == torch.int16
+    with pytest.raises(DDKitError, match=r"^soft_label_topk: must be an integer in \[1, 10\]"):
+        KDStudent(DistilledDataModule(distilled, dataset="digits").spec, teacher=teacher, soft_label_topk=11)
