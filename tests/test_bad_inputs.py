@@ -344,6 +344,14 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     paths["empty_dir"].mkdir()
     paths["a_file"] = root / "a_file"
     paths["a_file"].write_text("not a directory\n")
+    checkpoints = root / "checkpoints"  # a truncated checkpoint, and a folder whose last.ckpt is truncated
+    (checkpoints / "dir").mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 1}, checkpoints / "whole.ckpt")
+    data = (checkpoints / "whole.ckpt").read_bytes()
+    paths["ckpt_truncated"] = checkpoints / "truncated.ckpt"
+    paths["ckpt_truncated"].write_bytes(data[: len(data) // 2])
+    paths["ckpt_dir"] = checkpoints / "dir"
+    (checkpoints / "dir" / "last.ckpt").write_bytes(data[: len(data) // 2])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -442,6 +450,32 @@ CASES = [
      "checkpoint: cannot be read with torch.load(weights_only=True)"),
     ("option-wrong-type", _with(CLASSIFIER, data__batch_size="many"),
      "data.batch_size: Expected a <class 'int'>. Got value: many"),
+    # checkpoint paths and evaluate's output
+    ("ckpt-missing", [*CLASSIFIER, "--ckpt_path", "{root}/nope.ckpt"], "ckpt_path: file not found, got '{root}/nope.ckpt'"),
+    ("ckpt-directory", [*CLASSIFIER, "--ckpt_path", "{empty_dir}"], "ckpt_path: is a directory, not a file"),
+    ("ckpt-truncated", [*CLASSIFIER, "--ckpt_path", "{ckpt_truncated}"],
+     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
+    ("ckpt-last-truncated", [*CLASSIFIER, "--checkpoint.dirpath", "{ckpt_dir}", "--ckpt_path", "last"],
+     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
+    ("evaluate-output-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                "--output", "{a_file}"], "output: must be a directory ddkit writes"),
+    ("evaluate-output-under-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                      "--output", "{a_file}/report"], "output: '{a_file}' is not a directory"),
+    ("evaluate-output-user-files", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                    "--output", "{distilled}"],
+     "output: already holds files that are not a ddkit evaluation report"),
+    # misspelt keys of free-form option dicts
+    ("protocol-option-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                  "--protocol_options", "{hard: {lrr: 5}}"],
+     ("protocol_options.hard.lrr: unknown option of the hard protocol (known: augment, batch_size, epochs, lr, "
+     "momentum, weight_decay), got 5")),
+    ("protocol-name-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
+                                "--protocol_options", "{hardd: {lr: 0.1}}"],
+     "protocol_options.hardd: not a protocol (known: hard, soft, kd)"),
+    ("periodic-evaluation-option-misspelt", [*MATCHING, "--trainer.callbacks+",
+                                             "ddkit.callbacks.synthetic.PeriodicEvaluation",
+                                             "--trainer.callbacks.protocol_options", "{epoch: 3}"],
+     "protocol_options.soft.epoch: unknown option of the soft protocol"),
 ]
 
 
@@ -633,53 +667,6 @@ def test_reference_buffer_with_nan_or_wrong_shapes_is_refused(tmp_path):
         assert not (tmp_path / name).exists()
 
 
-# ----------------------------------------------------------------- checkpoint paths and evaluate's output (in-process)
-
-CHECKPOINT_AND_OUTPUT_CASES = [
-    ("ckpt-missing", [*CLASSIFIER, "--ckpt_path", "{root}/nope.ckpt"], "ckpt_path: file not found, got '{root}/nope.ckpt'"),
-    ("ckpt-directory", [*CLASSIFIER, "--ckpt_path", "{empty_dir}"], "ckpt_path: is a directory, not a file"),
-    ("ckpt-truncated", [*CLASSIFIER, "--ckpt_path", "{ckpt_truncated}"],
-     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
-    ("ckpt-last-truncated", [*CLASSIFIER, "--checkpoint.dirpath", "{ckpt_dir}", "--ckpt_path", "last"],
-     "ckpt_path: cannot be read with torch.load(weights_only=True)"),
-    ("evaluate-output-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
-                                "--output", "{a_file}"], "output: must be a directory ddkit writes"),
-    ("evaluate-output-under-a-file", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
-                                      "--output", "{a_file}/report"], "output: '{a_file}' is not a directory"),
-    ("evaluate-output-user-files", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
-                                    "--output", "{distilled}"],
-     "output: already holds files that are not a ddkit evaluation report"),
-]
-
-
-@pytest.fixture(scope="module")
-def checkpoint_inputs(inputs) -> dict[str, str]:
-    """A truncated checkpoint file, and a checkpoint folder whose last.ckpt is truncated."""
-    root = Path(inputs["root"]) / "checkpoints"
-    (root / "dir").mkdir(parents=True)
-    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 1}, root / "whole.ckpt")
-    data = (root / "whole.ckpt").read_bytes()
-    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
-    (root / "dir" / "last.ckpt").write_bytes(data[: len(data) // 2])
-    return {**inputs, "ckpt_truncated": str(root / "truncated.ckpt"), "ckpt_dir": str(root / "dir")}
-
-
-@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CHECKPOINT_AND_OUTPUT_CASES])
-def test_bad_checkpoint_or_output_is_one_line_nothing_written_or_removed(checkpoint_inputs, tmp_path, monkeypatch,
-                                                                          capsys, argv, expected):
-    inputs = checkpoint_inputs
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    before = _listing(Path(inputs["root"]))
-    with pytest.raises(SystemExit) as e:
-        main([_fill(a, inputs) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {_fill(expected, inputs)}"), err
-    assert "got" in lines[0]
-    assert _listing(work) == [] and _listing(Path(inputs["root"])) == before
-
 
 # --------------------------------------------------- full and read-only disks (a tmpfs in a private mount namespace)
 
@@ -740,30 +727,3 @@ def test_a_read_only_output_is_one_line_before_any_work(inputs, tmp_path):
     assert out["code"] == 2 and len(lines) == 1, out["stderr"][-3000:]
     assert lines[0].startswith(f"error: output: directory '{tmp_path / 'disk' / 'sub'}' is not writable"), lines
     assert out["files"] == [str(tmp_path / "disk" / "sub")]
-
-
-# ------------------------------------------------------------------- misspelt keys of free-form option dicts
-
-MISSPELT_CASES = [
-    ("protocol-option-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
-                                  "--protocol_options", "{hard: {lrr: 5}}"],
-     ("protocol_options.hard.lrr: unknown option of the hard protocol (known: augment, batch_size, epochs, lr, "
-     "momentum, weight_decay), got 5")),
-    ("protocol-name-misspelt", ["evaluate", "--data.dataset", "digits", "--baselines", "[random]", "--ipc", "1",
-                                "--protocol_options", "{hardd: {lr: 0.1}}"],
-     "protocol_options.hardd: not a protocol (known: hard, soft, kd)"),
-    ("periodic-evaluation-option-misspelt", [*MATCHING, "--trainer.callbacks+",
-                                             "ddkit.callbacks.synthetic.PeriodicEvaluation",
-                                             "--trainer.callbacks.protocol_options", "{epoch: 3}"],
-     "protocol_options.soft.epoch: unknown option of the soft protocol"),
-]
-
-
-@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in MISSPELT_CASES])
-def test_a_misspelt_option_key_is_named_in_one_line(inputs, tmp_path, monkeypatch, capsys, argv, expected):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        main([_fill(a, inputs) for a in argv])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
-    assert _listing(tmp_path) == []
