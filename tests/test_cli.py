@@ -22,7 +22,7 @@ def last_metric(csv_path: Path, key: str) -> float:
     return float(rows[-1][key])
 
 
-COMMANDS = ("fit", "validate", "test", "predict", "evaluate", "chain", "show")
+COMMANDS = ("fit", "validate", "test", "predict", "evaluate", "chain", "show", "teacher", "export")
 
 
 def test_help_lists_every_command_on_one_line(capsys):
