@@ -119,7 +119,8 @@ def test_no_augmentation_runs_feed_the_augmentation_robust_score(tmp_path):
                             protocols=["hard"], seeds=1, epochs=5, net_kwargs={"width": 8}, full_data_accuracy=0.95,
                             no_augmentation=True, output=str(tmp_path / "out"), accelerator="cpu", progress=False)
     runs = [(r["name"], r["protocol"]["augment"], r["augmented"]) for r in report["results"]]
-    assert runs == [("set", "dsa", True), ("random", "dsa", True), ("set", "none", False), ("random", "none", False)]
+    assert runs == [("handpicked", "dsa", True), ("random", "dsa", True), ("handpicked", "none", False),
+                    ("random", "none", False)]
     (score,) = report["robust_scores"]
     syn, rdm, syn_n, rdm_n = (r["mean"] for r in report["results"])
     assert score["hlr"] == pytest.approx(0.95 - syn) and score["ior"] == pytest.approx(syn - rdm)
