@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,19 @@ def test_buffer_from_its_shipped_config_resumes_mid_run(tmp_path):
     resumed, uninterrupted = _artifact(cut / buffer), _artifact(whole / buffer)
     assert resumed.keys() == uninterrupted.keys() and len(resumed) == 2
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("stage", ["classifier", "matching"])
+def test_a_run_killed_after_its_final_checkpoint_still_writes_its_artifact(inputs, uninterrupted, tmp_path, stage):
+    """The window a drawn kill time can hit: every epoch/step done and checkpointed, the artifact not yet written.
+    The resumed run has no training left (Lightning skips the train-end hooks) and must still write it, equal."""
+    cmd = _command(stage, inputs)
+    _run(cmd, tmp_path)
+    artifact = tmp_path / STAGES[stage][2]
+    if stage == "matching":
+        shutil.rmtree(artifact.parent)
+    else:
+        artifact.unlink()
+    _run([*cmd, "--ckpt_path", "last"], tmp_path)
+    resumed, whole = _artifact(artifact), uninterrupted(stage)
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)

@@ -195,7 +195,8 @@ class PeriodicEvaluation(pl.Callback):
         if self.eval_every > 0 and it % self.eval_every == 0 and it != self.last_evaluated:
             self.evaluate(trainer, pl_module)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_train_end: a run resumed from its final checkpoint skips the train-end hooks.
         if self.at_end and int(pl_module.iteration) != self.last_evaluated:
             self.evaluate(trainer, pl_module)
 

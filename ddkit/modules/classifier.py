@@ -118,7 +118,9 @@ class Classifier(RealDataEvaluation, L.LightningModule):
         hp = self.hparams
         return [ClaimOutput(hp.export_teacher, "export_teacher", "teacher", hp.overwrite)] if hp.export_teacher else []
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # Not on_train_end: a run resumed from its final checkpoint (killed before this) skips the training loop and
+        # its train-end hooks, and must still write its artifact.
         if self.hparams.export_teacher and self.trainer.is_global_zero:
             from ddkit.formats.teacher import TeacherMeta, save_teacher
 

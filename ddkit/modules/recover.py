@@ -308,7 +308,9 @@ class Recover(L.LightningModule):
         opt.optimizer.load_state_dict(state)
         self.images.grad = None
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        # Not on_train_end: a run resumed from its final checkpoint (killed before this) skips the training loop and
+        # its train-end hooks, and must still write its artifact.
         strategy = self.trainer.strategy
         written = self._gather(list(self._written))
         strategy.barrier("recover.assemble")
