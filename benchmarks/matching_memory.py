@@ -1,6 +1,6 @@
 """Trajectory-matching step: time per outer step and peak memory against ``syn_steps``, for each gradient engine.
 
-One fixed CPU problem, the `fmnist-cpu` shape (DESIGN.md section 6): ConvNet-D3 width 32, instance norm, 1x28x28
+One fixed CPU problem, the `fmnist-cpu` shape (BENCHMARKS.md, evaluation settings): ConvNet-D3 width 32, instance norm, 1x28x28
 inputs, 10 classes, IPC 10 (100 synthetic images), batch_syn 100, DATM soft labels, DSA on every inner step. Each
 (engine, syn_steps) setting runs in a fresh subprocess that builds a one-expert ExpertBuffer (random trajectory: the
 cost does not depend on the values), attaches ``TrajectoryMatching`` (noise init) and runs ``warmup + steps`` outer

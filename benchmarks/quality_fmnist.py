@@ -65,14 +65,14 @@ from ddkit.pipelines import (
 
 RESULTS = REPO / "benchmarks" / "results"
 IPCS = (1, 10, 50)
-# DC / DSA papers, Fashion-MNIST, ConvNet-D3 width 128, `hard`-style evaluation (DESIGN.md section 6).
+# DC / DSA papers, Fashion-MNIST, ConvNet-D3 width 128, `hard`-style evaluation (BENCHMARKS.md, evaluation settings).
 ANCHORS: dict[str, dict[int, float]] = {
     "random (DC/DSA papers)": {1: 51.4, 10: 73.8, 50: 82.5},
     "DC (paper)": {1: 70.5, 10: 82.3, 50: 83.6},
     "DSA (paper)": {1: 70.6, 10: 84.6, 50: 88.7},
 }
 FULL_ANCHOR = 93.5
-# The evaluation settings of DESIGN.md section 6.
+# The evaluation settings of BENCHMARKS.md.
 SETTINGS: dict[str, dict[str, Any]] = {
     "fmnist-cpu": {"net_kwargs": {"depth": 3, "width": 32, "norm": "instance"}, "epochs": 300,
                    "text": "`fmnist-cpu`: ConvNet-D3 width 32, instance norm, 300 epochs under every protocol"},
