@@ -115,9 +115,6 @@ def atomic_dir(path: str | os.PathLike, field: str = "output", fmt: str | None =
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_consistently(path: str | os.PathLike, read: Callable[[Path], T], field: str, attempts: int = 20) -> T:
@@ -176,9 +173,6 @@ def atomic_file(path: str | os.PathLike, field: str = "output") -> Iterator[Path
         tmp.unlink(missing_ok=True)
         _remove_empty(made)
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextlib.contextmanager
